@@ -1,0 +1,5 @@
+"""``python -m princeps_db``: the same command line as ``princeps-db``."""
+
+from princeps_db.cli import main
+
+main()

@@ -1,0 +1,59 @@
+"""The Typer application and the error handling every command shares."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from sqlalchemy.exc import OperationalError
+
+from princeps_db.errors import ConfigurationError, PrincepsDBError
+
+app = typer.Typer(
+    name="princeps-db",
+    help="Encrypted-at-rest storage for Princeps integration tokens.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Progress and tables go to stderr so stdout stays clean for pipes (keygen, --json).
+err_console = Console(stderr=True)
+out_console = Console()
+
+EXIT_USAGE = 2
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def fail(message: str, *, code: int = EXIT_USAGE) -> NoReturn:
+    """Print one line to stderr and exit: no traceback, no secret."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def friendly_errors() -> Iterator[None]:
+    """Turn configuration and connection problems into one line and exit code 2."""
+    try:
+        yield
+    except ConfigurationError as error:
+        fail(f"ConfigurationError: {error}")
+    except OperationalError as error:
+        # The driver's text names host and port, never the password or a token.
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else "connection failed"
+        fail(f"cannot connect to the database: {reason}")
+    except PrincepsDBError as error:
+        fail(f"{type(error).__name__}: {error}", code=1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,293 @@
+"""Reading and writing integrations. Tokens are encrypted and decrypted inside PostgreSQL.
+
+Every function takes the caller's SQLAlchemy ``Session`` and never commits:
+the caller owns the transaction (``with session.begin(): ...``). Tokens and
+derived keys travel only as bind parameters.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any, Literal, NoReturn
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import case, delete, func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+from princeps_db.crypto import KeyRing, MasterKey, TokenKind, decrypt_sql, encrypt_sql
+from princeps_db.db import session_keyring
+from princeps_db.errors import (
+    IntegrationNotFoundError,
+    InvalidInputError,
+    TokenDecryptionError,
+    TokenExpiredError,
+    UserNotFoundError,
+)
+from princeps_db.models import PROVIDERS, Integration, User
+
+Provider = Literal["google_calendar", "google_drive"]
+
+# A token this close to expiry would likely die in flight: treat it as expired.
+EXPIRY_SKEW = timedelta(seconds=60)
+# Google tokens are about 2 KB; anything far larger is a bug or an attack.
+MAX_TOKEN_CHARS = 16 * 1024
+MAX_TEXT_CHARS = 4 * 1024
+_SQLSTATE_EXTERNAL_ROUTINE_EXCEPTION = "39000"
+
+
+class IntegrationInfo(BaseModel):
+    """What a client may see of an integration. It has no token field, by design."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    user_id: str
+    provider: Provider
+    scope: str | None
+    expires_at: datetime | None
+    key_id: str
+    created_at: datetime
+    updated_at: datetime
+
+
+_INFO_COLUMNS = (
+    Integration.id,
+    Integration.user_id,
+    Integration.provider,
+    Integration.scope,
+    Integration.expires_at,
+    Integration.token_key_id,
+    Integration.created_at,
+    Integration.updated_at,
+)
+
+
+def _info_from_row(row: Any) -> IntegrationInfo:
+    return IntegrationInfo(
+        id=row.id,
+        user_id=row.user_id,
+        provider=row.provider,
+        scope=row.scope,
+        expires_at=row.expires_at,
+        key_id=row.token_key_id,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _check_text(name: str, value: object, *, max_chars: int, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{name} must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise InvalidInputError(f"{name} must not be empty")
+    if "\x00" in value:
+        raise InvalidInputError(f"{name} must not contain a NUL character")
+    if len(value) > max_chars:
+        raise InvalidInputError(f"{name} is longer than {max_chars} characters")
+    return value
+
+
+def _check_identity(user_id: object, provider: object) -> tuple[str, str]:
+    checked_user = _check_text("user_id", user_id, max_chars=MAX_TEXT_CHARS)
+    if provider not in PROVIDERS:
+        raise InvalidInputError(f"unknown provider; expected one of {', '.join(PROVIDERS)}")
+    assert checked_user is not None
+    return checked_user, str(provider)
+
+
+def _check_expiry(expires_at: object) -> datetime | None:
+    if expires_at is None:
+        return None
+    if not isinstance(expires_at, datetime):
+        raise InvalidInputError(f"expires_at must be a datetime, not {type(expires_at).__name__}")
+    if expires_at.tzinfo is None or expires_at.utcoffset() is None:
+        raise InvalidInputError("expires_at must be timezone-aware (e.g. datetime.now(UTC))")
+    return expires_at
+
+
+def _raise_decryption_error(error: DBAPIError, *, user_id: str, provider: str) -> NoReturn:
+    if getattr(error.orig, "sqlstate", None) == _SQLSTATE_EXTERNAL_ROUTINE_EXCEPTION:
+        raise TokenDecryptionError(
+            f"the stored token of user {user_id!r} for {provider} does not decrypt: wrong key, "
+            "or the ciphertext was tampered with or moved from another row; roll back, then "
+            "check the keys and run `princeps-db verify`"
+        ) from None
+    raise error
+
+
+def derived_key_by_key_id(
+    keyring: KeyRing, key_id: Any, *, user_id: str, provider: str, kind: TokenKind
+) -> ColumnElement[str]:
+    """SQL choosing the derived key for a row by its ``"tokenKeyId"`` (NULL if unknown)."""
+    return case(
+        *(
+            (
+                key_id == key.key_id,
+                key.derive_token_key(user_id=user_id, provider=provider, kind=kind),
+            )
+            for key in keyring.keys
+        ),
+        else_=None,
+    )
+
+
+def _kept_refresh_token(keyring: KeyRing, *, user_id: str, provider: str) -> ColumnElement[bytes]:
+    """SQL for an update without a refresh token: keep the stored one, under the current key."""
+    current = keyring.current
+    current_key = current.derive_token_key(
+        user_id=user_id, provider=provider, kind=TokenKind.REFRESH
+    )
+    stored = Integration.refresh_token_encrypted
+    reencrypt = [
+        (
+            Integration.token_key_id == old.key_id,
+            encrypt_sql(
+                decrypt_sql(
+                    stored,
+                    old.derive_token_key(
+                        user_id=user_id, provider=provider, kind=TokenKind.REFRESH
+                    ),
+                ),
+                current_key,
+            ),
+        )
+        for old in keyring.previous
+    ]
+    return case(
+        (stored.is_(None), None),
+        (Integration.token_key_id == current.key_id, stored),
+        *reencrypt,
+        # An unknown key id: decrypting under the current key fails loudly instead
+        # of silently dropping the refresh token.
+        else_=encrypt_sql(decrypt_sql(stored, current_key), current_key),
+    )
+
+
+def create_user(session: Session, *, email: str, user_id: str | None = None) -> str:
+    """Insert a user and return its id."""
+    checked_email = _check_text("email", email, max_chars=MAX_TEXT_CHARS)
+    new_id = user_id or str(uuid.uuid4())
+    session.add(User(id=new_id, email=checked_email))
+    session.flush()
+    return new_id
+
+
+def upsert_integration(
+    session: Session,
+    *,
+    user_id: str,
+    provider: str,
+    access_token: str,
+    refresh_token: str | None,
+    expires_at: datetime | None,
+    scope: str | None = None,
+) -> IntegrationInfo:
+    """Insert or update the user's integration, encrypting both tokens in the statement itself.
+
+    A ``refresh_token`` of None keeps the stored refresh token (providers send
+    one only on first consent). Writes always use the current key.
+    """
+    user, prov = _check_identity(user_id, provider)
+    access = _check_text("access_token", access_token, max_chars=MAX_TOKEN_CHARS)
+    refresh = _check_text("refresh_token", refresh_token, max_chars=MAX_TOKEN_CHARS, optional=True)
+    expiry = _check_expiry(expires_at)
+    checked_scope = _check_text("scope", scope, max_chars=MAX_TEXT_CHARS, optional=True)
+    keyring = session_keyring(session)
+    key: MasterKey = keyring.current
+
+    def derived(kind: TokenKind) -> str:
+        return key.derive_token_key(user_id=user, provider=prov, kind=kind)
+
+    statement = insert(Integration).values(
+        id=str(uuid.uuid4()),
+        user_id=user,
+        provider=prov,
+        access_token_encrypted=encrypt_sql(access, derived(TokenKind.ACCESS)),
+        refresh_token_encrypted=encrypt_sql(refresh, derived(TokenKind.REFRESH)),
+        token_key_id=key.key_id,
+        expires_at=expiry,
+        scope=checked_scope,
+    )
+    new_refresh = (
+        statement.excluded.refreshTokenEncrypted
+        if refresh is not None
+        else _kept_refresh_token(keyring, user_id=user, provider=prov)
+    )
+    upsert = statement.on_conflict_do_update(
+        index_elements=[Integration.user_id, Integration.provider],
+        set_={
+            # Order matters: the refresh expression reads the row's old key id.
+            Integration.refresh_token_encrypted: new_refresh,
+            Integration.access_token_encrypted: statement.excluded.accessTokenEncrypted,
+            Integration.token_key_id: statement.excluded.tokenKeyId,
+            Integration.expires_at: statement.excluded.expiresAt,
+            Integration.scope: statement.excluded.scope,
+            Integration.updated_at: func.now(),
+        },
+    ).returning(*_INFO_COLUMNS)
+    try:
+        row = session.execute(upsert).one()
+    except IntegrityError as error:
+        if getattr(error.orig, "sqlstate", None) == "23503":
+            raise UserNotFoundError(f"no user with id {user!r}; create the user first") from None
+        raise
+    except DBAPIError as error:
+        _raise_decryption_error(error, user_id=user, provider=prov)
+    return _info_from_row(row)
+
+
+def get_valid_token(session: Session, *, user_id: str, provider: str) -> str:
+    """Return the decrypted access token, or raise if it is missing, expired or undecryptable."""
+    user, prov = _check_identity(user_id, provider)
+    keyring = session_keyring(session)
+    derived_key = derived_key_by_key_id(
+        keyring, Integration.token_key_id, user_id=user, provider=prov, kind=TokenKind.ACCESS
+    )
+    fresh = Integration.expires_at.is_(None) | (
+        Integration.expires_at > func.statement_timestamp() + EXPIRY_SKEW
+    )
+    statement = select(
+        Integration.token_key_id,
+        fresh.label("fresh"),
+        # Decrypt only what will be returned: an expired token never leaves the server.
+        case((fresh, decrypt_sql(Integration.access_token_encrypted, derived_key))).label("token"),
+    ).where(Integration.user_id == user, Integration.provider == prov)
+    try:
+        row = session.execute(statement).one_or_none()
+    except DBAPIError as error:
+        _raise_decryption_error(error, user_id=user, provider=prov)
+    if row is None:
+        raise IntegrationNotFoundError(f"user {user!r} has no {prov} integration")
+    if not row.fresh:
+        raise TokenExpiredError(f"the {prov} access token of user {user!r} has expired")
+    if row.token is None:
+        keyring.for_key_id(row.token_key_id)  # raises, naming the missing key id
+        raise TokenDecryptionError(f"the stored {prov} token of user {user!r} is empty")
+    token: str = row.token
+    return token
+
+
+def list_integrations(session: Session, *, user_id: str) -> list[IntegrationInfo]:
+    """Return the user's integrations, without tokens, ordered by provider."""
+    user = _check_text("user_id", user_id, max_chars=MAX_TEXT_CHARS)
+    rows = session.execute(
+        select(*_INFO_COLUMNS).where(Integration.user_id == user).order_by(Integration.provider)
+    ).all()
+    return [_info_from_row(row) for row in rows]
+
+
+def delete_integration(session: Session, *, user_id: str, provider: str) -> bool:
+    """Delete the user's integration; return whether one existed."""
+    user, prov = _check_identity(user_id, provider)
+    result = session.execute(
+        delete(Integration)
+        .where(Integration.user_id == user, Integration.provider == prov)
+        .returning(Integration.id)
+    )
+    return result.first() is not None
