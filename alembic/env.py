@@ -9,6 +9,8 @@ production deploy without a valid key stops here.
 
 from __future__ import annotations
 
+from logging.config import fileConfig
+
 import sqlalchemy as sa
 from alembic import context
 from sqlalchemy.engine import Connection
@@ -18,6 +20,10 @@ from princeps_db.errors import ConfigurationError
 from princeps_db.models import Base
 
 config = context.config
+# Command-line runs log per-batch progress as alembic.ini says; code that hands
+# in a connection (tests, the demo) keeps its own logging set-up.
+if config.config_file_name is not None and "connection" not in config.attributes:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 target_metadata = Base.metadata
 
 # Two deploys must not migrate at once; the number is an arbitrary constant.

@@ -76,7 +76,8 @@ def pg_server(local_postgres: LocalPostgres) -> NoopExecutor:
     return executor
 
 
-def _migrate_template(host: str, port: int, user: str, dbname: str, password: str | None) -> None:
+def _migrate_template(*, host: str, port: int, user: str, dbname: str, **_: object) -> None:
+    """Build the template database with the real migrations."""
     url = f"postgresql+psycopg://{user}@{host}:{port}/{dbname}"
     alembic_run(url, "upgrade", "head", keyring=TEST_KEYRING)
 
