@@ -52,7 +52,7 @@ def token_key_context(*, user_id: str, provider: str, kind: TokenKind) -> bytes:
     provider never contain ``:``, and the user id comes last, so the context is
     unambiguous. ``docs/encryption.md`` shows how to reproduce it in SQL.
     """
-    return f"{_CONTEXT_PREFIX}:{kind.value}:{provider}:{user_id}".encode()
+    return f"{_CONTEXT_PREFIX}:{TokenKind(kind).value}:{provider}:{user_id}".encode()
 
 
 def generate_master_key() -> str:
