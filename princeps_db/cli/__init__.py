@@ -6,7 +6,7 @@ a person can fix (bad DATABASE_URL, missing key) print one line and exit 2.
 
 from __future__ import annotations
 
-from princeps_db.cli import keys, migrate
+from princeps_db.cli import demo, keys, migrate
 from princeps_db.cli.app import app, main
 
-__all__ = ["app", "keys", "main", "migrate"]
+__all__ = ["app", "demo", "keys", "main", "migrate"]
