@@ -20,7 +20,8 @@
 --     auto_explain                preloaded with log_min_duration >= 0: WARN; with
 --                                 log_verbose or log_parameter_max_length <> 0: FAIL
 --     pgaudit.log_parameter       on: FAIL
---     per-role / per-database overrides (pg_db_role_setting) of all the above,
+--     per-role / per-database overrides (pg_db_role_setting) of all the above
+--     that apply to this database,
 --     and of session_preload_libraries / local_preload_libraries; any override
 --     whose name looks like a secret (key, secret, token, password) is FAIL:
 --     every role can read pg_db_role_setting. Values of those are never shown.
@@ -82,6 +83,10 @@ overrides AS (
     LEFT JOIN pg_catalog.pg_roles AS r ON r.oid = d.setrole
     LEFT JOIN pg_catalog.pg_database AS db ON db.oid = d.setdatabase
     CROSS JOIN LATERAL unnest(d.setconfig) AS entry
+    -- Overrides for other databases never apply to sessions on this one.
+    WHERE d.setdatabase = 0
+       OR d.setdatabase = (SELECT oid FROM pg_catalog.pg_database
+                           WHERE datname = current_database())
 ),
 settings AS (
     -- (scope, name, value, params_hidden, how to fix)
