@@ -457,7 +457,7 @@ def test_psql_runs_all_sql_at_every_migration_stage(blank_url: str, revision: st
 
 
 def test_break_glass_prints_the_right_token_with_the_key_from_the_environment(
-    head_url: str,
+    head_url: str, local_postgres: LocalPostgres
 ) -> None:
     tokens = store_tokens(head_url)
     script = TOP_LEVEL_AUDIT_DIR / "break_glass_decrypt.sql"
@@ -472,6 +472,9 @@ def test_break_glass_prints_the_right_token_with_the_key_from_the_environment(
     assert "princeps-db break-glass: access_token of integration" in access.stderr
     assert "reason: INC-1: test" in access.stderr
     assert TEST_KEY not in access.stdout + access.stderr
+    server_log = local_postgres.read_log()
+    assert "LOG:  princeps-db break-glass: access_token of integration" in server_log
+    assert TEST_KEY not in server_log
 
 
 @pytest.mark.parametrize(
