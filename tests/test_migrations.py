@@ -343,3 +343,21 @@ def test_the_backfill_holds_no_table_lock_while_the_application_writes(blank_url
         engine.dispose()
     assert process.returncode == 0
     assert writes > 0, "the backfill finished before the application could write"
+
+
+def test_the_check_constraints_carry_the_names_the_downgrade_drops(head_url: str) -> None:
+    engine = sa.create_engine(head_url)
+    with engine.connect() as connection:
+        names = set(
+            connection.execute(
+                sa.text(
+                    "SELECT conname FROM pg_constraint "
+                    "WHERE conrelid = '\"Integration\"'::regclass AND contype = 'c'"
+                )
+            ).scalars()
+        )
+    engine.dispose()
+    assert names == {
+        "Integration_accessTokenEncrypted_check",
+        "Integration_refreshTokenEncrypted_check",
+    }

@@ -76,10 +76,10 @@ def upgrade() -> None:
     op.alter_column("Integration", "accessTokenEncrypted", nullable=False)
     op.alter_column("Integration", "tokenKeyId", nullable=False)
     op.create_check_constraint(
-        ACCESS_CHECK, "Integration", pgp_message_check("accessTokenEncrypted")
+        op.f(ACCESS_CHECK), "Integration", pgp_message_check("accessTokenEncrypted")
     )
     op.create_check_constraint(
-        REFRESH_CHECK,
+        op.f(REFRESH_CHECK),
         "Integration",
         f'"refreshTokenEncrypted" IS NULL OR ({pgp_message_check("refreshTokenEncrypted")})',
     )
