@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -110,15 +110,28 @@ def batch_connection() -> Iterator[Connection]:
             mark_migration_session(connection, on=False)
 
 
-def iter_batches(connection: Connection, *, where: str, batch_size: int) -> Iterator[list[RowRef]]:
-    """Yield rows matching ``where`` (fixed SQL, no input) in primary-key order, in batches."""
+def iter_batches(
+    connection: Connection,
+    *,
+    where: str,
+    batch_size: int,
+    params: Mapping[str, object] | None = None,
+) -> Iterator[list[RowRef]]:
+    """Yield rows matching ``where`` in primary-key order, in batches.
+
+    ``where`` is fixed SQL; any value it needs comes in ``params`` as a bind
+    parameter. Each batch is read when it is asked for, so a caller may open a
+    transaction around ``next()`` and its own statements for that batch.
+    """
     last_id = ""
     query = sa.text(
         'SELECT id, "userId", provider, "tokenKeyId" FROM "Integration" '
         f"WHERE id > :last_id AND ({where}) ORDER BY id LIMIT :limit"
     )
     while True:
-        rows = connection.execute(query, {"last_id": last_id, "limit": batch_size}).all()
+        rows = connection.execute(
+            query, {**(params or {}), "last_id": last_id, "limit": batch_size}
+        ).all()
         if not rows:
             return
         yield [RowRef(r.id, r.userId, r.provider, r.tokenKeyId) for r in rows]
