@@ -28,6 +28,7 @@ from princeps_db.db import create_session_factory
 from princeps_db.demo_data import LegacyRow, seed_legacy_rows
 from princeps_db.pgserver import LocalPostgres, find_pg_bindir
 from princeps_db.repository import get_valid_token
+from princeps_db.rotation import demo_rotation
 
 
 @dataclass(frozen=True)
@@ -250,3 +251,11 @@ def _run_steps(
         f"   {sample.provider} token of {sample.user_id}: {_masked(token)} {verdict} "
         "the original plaintext."
     )
+
+    console.print("\n[bold]4. Rotate the master key[/] (princeps-db rotate-key, online)")
+    new_keyring = KeyRing.from_texts(generate_master_key(), previous=[key])
+    demo_rotation(console, engine, old_keyring=keyring, new_keyring=new_keyring)
+    with create_session_factory(engine, keyring=KeyRing(new_keyring.current))() as session:
+        token = get_valid_token(session, user_id=sample.user_id, provider=sample.provider)
+    verdict = "[green]still matches[/]" if token == sample.access_token else "[red]DIFFERS[/]"
+    console.print(f"   read back with the new key alone: {_masked(token)} {verdict}.")

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn, TypeVar
 
+import psycopg
 import typer
 from rich.console import Console
 from sqlalchemy.exc import OperationalError
@@ -46,6 +47,12 @@ def friendly_errors() -> Iterator[None]:
     except OperationalError as error:
         # The driver's text names host and port, never the password or a token.
         reason = str(error.orig).strip().splitlines()[0] if error.orig else "connection failed"
+        if isinstance(error.orig, psycopg.OperationalError) and type(error.orig) is not (
+            psycopg.OperationalError
+        ):
+            # A server-side error with its own SQLSTATE (deadlock, serialization...),
+            # not a connection problem.
+            fail(f"database error: {reason}", code=1)
         fail(f"cannot connect to the database: {reason}")
     except PrincepsDBError as error:
         fail(f"{type(error).__name__}: {error}", code=1)
