@@ -307,3 +307,61 @@ def test_backfill_logs_progress_per_batch(blank_url: str) -> None:
 def test_migration_files_do_not_import_the_live_models() -> None:
     for path in Path(REPO_ROOT / "alembic" / "versions").glob("*.py"):
         assert "princeps_db.models" not in path.read_text(), path.name
+
+
+@pytest.mark.slow
+def test_the_backfill_holds_no_table_lock_while_the_application_writes(blank_url: str) -> None:
+    alembic_run(blank_url, "upgrade", "0001_baseline", keyring=TEST_KEYRING)
+    seed_legacy_rows(blank_url, 3000)
+    alembic_run(blank_url, "upgrade", "0002_expand", keyring=TEST_KEYRING)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("INTEGRATION_TOKEN_")},
+        "DATABASE_URL": blank_url,
+        "PRINCEPS_ENV": "test",
+        "INTEGRATION_TOKEN_ENCRYPTION_KEY": TEST_KEY,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "alembic", "-x", "batch_size=20", "upgrade", "0003_backfill"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    engine = sa.create_engine(blank_url)
+    writes = 0
+    try:
+        while _encrypted_count(blank_url) < 300:
+            assert process.poll() is None
+            time.sleep(0.02)
+        while process.poll() is None and writes < 20:
+            with engine.begin() as connection:
+                connection.execute(sa.text("SET LOCAL lock_timeout = '1s'"))
+                strong_locks = connection.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                        "WHERE a.application_name = 'princeps-db-migrate' "
+                        "AND l.relation = '\"Integration\"'::regclass "
+                        "AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', "
+                        "'ExclusiveLock', 'AccessExclusiveLock')"
+                    )
+                ).scalar_one()
+                assert strong_locks == 0
+                # A legacy writer keeps working: insert and update, each within 1 s.
+                connection.execute(
+                    sa.text(
+                        'INSERT INTO "Integration" (id, "userId", provider, "accessToken") '
+                        "VALUES (:id, 'user-000000', :p, 'ya29.written-during-backfill') "
+                        "ON CONFLICT DO NOTHING"
+                    ),
+                    {"id": f"live-{writes}", "p": f"provider-{writes}"},
+                )
+                connection.execute(
+                    sa.text('UPDATE "Integration" SET "accessToken" = :t WHERE id = :id'),
+                    {"t": f"ya29.updated-{writes}", "id": f"int-{2999 - writes:06d}"},
+                )
+            writes += 1
+    finally:
+        process.wait(timeout=300)
+        engine.dispose()
+    assert process.returncode == 0
+    assert writes > 0, "the backfill finished before the application could write"

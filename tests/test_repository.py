@@ -243,16 +243,29 @@ def _message(raw: sa.Connection, options: str) -> bytes:
     return value
 
 
-@pytest.mark.parametrize(
-    "options",
-    ["cipher-algo=bf", "cipher-algo=aes256, disable-mdc=1", "cipher-algo=aes128", ""],
-    ids=["blowfish", "no-mdc", "aes128", "defaults"],
-)
+def _with_cipher_byte(message: bytes, cipher: int) -> bytes:
+    # Patched servers refuse to encrypt with Blowfish at all (CVE-2026-14663), so
+    # a Blowfish message is made by relabelling the cipher byte of a real one.
+    return message[:3] + bytes([cipher]) + message[4:]
+
+
+MESSAGES = {
+    "blowfish": lambda raw: _with_cipher_byte(_message(raw, "cipher-algo=aes256"), 4),
+    "cast5": lambda raw: _with_cipher_byte(_message(raw, "cipher-algo=aes256"), 3),
+    "no-mdc": lambda raw: _message(raw, "cipher-algo=aes256, disable-mdc=1"),
+    "aes128": lambda raw: _message(raw, "cipher-algo=aes128"),
+    "defaults": lambda raw: _message(raw, ""),
+    "unsalted-s2k": lambda raw: _message(raw, "cipher-algo=aes256, s2k-mode=0"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MESSAGES))
 def test_the_database_refuses_ciphertext_that_is_not_aes256_with_mdc(
-    session: Session, raw: sa.Connection, options: str
+    session: Session, raw: sa.Connection, kind: str
 ) -> None:
     _connect(session)
-    value = _message(raw, options)
+    value = MESSAGES[kind](raw)
+    raw.rollback()
     with pytest.raises(IntegrityError):
         raw.execute(sa.text('UPDATE "Integration" SET "accessTokenEncrypted" = :v'), {"v": value})
     raw.rollback()
