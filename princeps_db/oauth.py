@@ -89,7 +89,7 @@ class GoogleConfig:
 
     def client_credentials(self) -> tuple[str, str]:
         """Return the client id and secret, or explain which settings are missing."""
-        if self.client_id is None or self.client_secret is None:
+        if not self.client_id or self.client_secret is None:
             raise ConfigurationError(
                 "GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET must be set to refresh Google tokens; "
                 "use the OAuth client of the Google Cloud project Princeps signs in with"

@@ -22,20 +22,21 @@ from werkzeug import Request, Response
 
 from princeps_db.crypto import KeyRing, generate_master_key
 from princeps_db.errors import (
+    ConfigurationError,
     ProviderError,
     ProviderUnavailableError,
     ReauthorizationRequiredError,
     TokenExpiredError,
 )
 from princeps_db.oauth import GoogleConfig
-from princeps_db.refresh import refresh_access_token
+from princeps_db.refresh import LOCK_MARGIN, refresh_access_token
 from princeps_db.repository import (
     delete_integration,
     get_valid_token,
     list_integrations,
     upsert_integration,
 )
-from tests.conftest import TEST_KEY, TEST_KEYRING
+from tests.conftest import TEST_KEY, TEST_KEYRING, make_settings
 from tests.google_support import (
     CALENDAR,
     CLIENT_ID,
@@ -396,3 +397,49 @@ def test_status_column_refuses_unknown_values(
     connect(factory, expires_in=FRESH)
     with pytest.raises(sa.exc.IntegrityError), engine.begin() as connection:
         connection.execute(sa.text("UPDATE \"Integration\" SET status = 'paused'"))
+
+
+def test_a_refresh_behind_a_lock_held_too_long_gives_up(
+    engine: Engine, httpserver: HTTPServer
+) -> None:
+    google = google_config(httpserver, timeout_seconds=0.1, attempts=1)
+    factory = factory_for(engine, google)
+    connect(factory, expires_in=EXPIRED)
+    before = stored(engine)
+    with engine.connect() as holder:
+        holder.execute(sa.text('SELECT 1 FROM "Integration" FOR UPDATE'))
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailableError) as raised:
+            token_for(factory)
+        waited = time.monotonic() - started
+        holder.rollback()
+    assert raised.value.code == "lock_timeout"
+    limit = google.max_call_seconds() + LOCK_MARGIN.total_seconds()
+    assert limit - 0.5 < waited < limit + 3
+    assert httpserver.log == []
+    assert stored(engine) == before
+
+
+def test_google_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GOOGLE_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("GOOGLE_CLIENT_SECRET", CLIENT_SECRET)
+    monkeypatch.setenv("GOOGLE_OAUTH_TOKEN_URL", "http://127.0.0.1:9/token")
+    monkeypatch.setenv("GOOGLE_HTTP_ATTEMPTS", "2")
+    config = GoogleConfig.from_settings(make_settings("postgresql://x@localhost/x"))
+    assert config.client_credentials() == (CLIENT_ID, CLIENT_SECRET)
+    assert config.token_url == "http://127.0.0.1:9/token"
+    assert config.revoke_url == "https://oauth2.googleapis.com/revoke"
+    assert config.attempts == 2
+    assert CLIENT_SECRET not in repr(config)
+
+
+def test_refresh_without_client_credentials_fails_clearly(
+    engine: Engine, httpserver: HTTPServer
+) -> None:
+    factory = factory_for(engine, google_config(httpserver, client_id="", client_secret=None))
+    connect(factory, expires_in=EXPIRED)
+    before = stored(engine)
+    with pytest.raises(ConfigurationError, match="GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET"):
+        token_for(factory)
+    assert httpserver.log == []
+    assert stored(engine) == before
