@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import Engine, make_url
 
+from princeps_db.audit import print_audit, run_audit
 from princeps_db.config import get_settings
 from princeps_db.crypto import KeyRing, generate_master_key
 from princeps_db.db import create_session_factory
@@ -155,6 +156,12 @@ def _tokens_in_dump(url: str, rows: list[LegacyRow]) -> tuple[int, int]:
     return len(dump.encode()), found
 
 
+def _show_audit(console: Console, engine: Engine, title: str) -> None:
+    """Print the token checks of the audit (server settings are the operator's business)."""
+    results = [r for r in run_audit(engine) if r.check.startswith(("coverage", "ciphertext"))]
+    print_audit(console, results, title=title)
+
+
 def _masked(token: str) -> str:
     return f"{token[:5]}… ({len(token)} characters)"
 
@@ -195,6 +202,7 @@ def _run_steps(
         f"   {len(seeded)} integrations written in plaintext; pg_dump ({size // 1024} KiB) "
         f"shows [red]{found}[/] readable tokens."
     )
+    _show_audit(console, engine, "audit before the migration (princeps-db audit)")
 
     console.print(
         f"\n[bold]2. alembic upgrade head[/] (expand, backfill in batches of {batch_size}, "
@@ -229,6 +237,8 @@ def _run_steps(
         f"   pg_dump ({size // 1024} KiB) now shows [{style}]{found}[/] readable tokens "
         f"out of {sum(1 for r in seeded for t in (r.access_token, r.refresh_token) if t)}."
     )
+
+    _show_audit(console, engine, "audit after the migration (princeps-db audit)")
 
     console.print("\n[bold]3. The application reads a token[/] (get_valid_token)")
     sessions = create_session_factory(engine, keyring=keyring)

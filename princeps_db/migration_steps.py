@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from alembic import context, op
 from sqlalchemy.engine import Connection
 
 from princeps_db.crypto import PGP_OPTIONS, KeyRing, MasterKey, TokenKind
@@ -87,6 +89,25 @@ def mark_migration_session(connection: Connection, *, on: bool) -> None:
         sa.text("SELECT set_config(:name, :value, false)"),
         {"name": MIGRATION_GUC, "value": "on" if on else "off"},
     )
+
+
+def migration_inputs() -> tuple[KeyRing, int]:
+    """The key ring env.py loaded, and ``-x batch_size`` (checked), for a data revision."""
+    keyring: KeyRing = context.config.attributes["keyring"]
+    batch_size = parse_batch_size(context.get_x_argument(as_dictionary=True).get("batch_size"))
+    return keyring, batch_size
+
+
+@contextmanager
+def batch_connection() -> Iterator[Connection]:
+    """The migration's connection in autocommit (one commit per statement), marked as ours."""
+    with op.get_context().autocommit_block():
+        connection = op.get_bind()
+        mark_migration_session(connection, on=True)
+        try:
+            yield connection
+        finally:
+            mark_migration_session(connection, on=False)
 
 
 def iter_batches(connection: Connection, *, where: str, batch_size: int) -> Iterator[list[RowRef]]:

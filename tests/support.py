@@ -37,16 +37,31 @@ def alembic_run(url: str, action: str, revision: str, *, keyring: KeyRing) -> No
         engine.dispose()
 
 
+def _alembic_env(url: str, extra: dict[str, str] | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTEGRATION_TOKEN_")}
+    env.update({"DATABASE_URL": url, "PRINCEPS_ENV": "test", **(extra or {})})
+    return env
+
+
+def alembic_popen(url: str, *args: str, key: str) -> subprocess.Popen[bytes]:
+    """Start the real ``alembic`` command line in the background (to kill or race it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "alembic", *args],
+        cwd=REPO_ROOT,
+        env=_alembic_env(url, {"INTEGRATION_TOKEN_ENCRYPTION_KEY": key}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def alembic_cli(
     url: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     """Run the real ``alembic`` command line from the repository root."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("INTEGRATION_TOKEN_")}
-    full_env.update({"DATABASE_URL": url, "PRINCEPS_ENV": "test", **(env or {})})
     return subprocess.run(
         [sys.executable, "-m", "alembic", *args],
         cwd=REPO_ROOT,
-        env=full_env,
+        env=_alembic_env(url, env),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from tests.support import (
     REPO_ROOT,
     alembic_cli,
     alembic_config,
+    alembic_popen,
     alembic_run,
     decrypt_all,
     seed_legacy_rows,
@@ -141,19 +140,7 @@ def test_backfill_killed_mid_way_and_run_again_loses_nothing(blank_url: str) -> 
     original = _plaintext(blank_url)
     alembic_run(blank_url, "upgrade", "0002_expand", keyring=TEST_KEYRING)
 
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("INTEGRATION_TOKEN_")},
-        "DATABASE_URL": blank_url,
-        "PRINCEPS_ENV": "test",
-        "INTEGRATION_TOKEN_ENCRYPTION_KEY": TEST_KEY,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "alembic", "-x", "batch_size=25", "upgrade", "head"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = alembic_popen(blank_url, "-x", "batch_size=25", "upgrade", "head", key=TEST_KEY)
     deadline = time.monotonic() + 120
     while _encrypted_count(blank_url) < 500 and time.monotonic() < deadline:
         assert process.poll() is None, "the backfill finished before it could be killed"
@@ -314,18 +301,8 @@ def test_the_backfill_holds_no_table_lock_while_the_application_writes(blank_url
     alembic_run(blank_url, "upgrade", "0001_baseline", keyring=TEST_KEYRING)
     seed_legacy_rows(blank_url, 3000)
     alembic_run(blank_url, "upgrade", "0002_expand", keyring=TEST_KEYRING)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("INTEGRATION_TOKEN_")},
-        "DATABASE_URL": blank_url,
-        "PRINCEPS_ENV": "test",
-        "INTEGRATION_TOKEN_ENCRYPTION_KEY": TEST_KEY,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "alembic", "-x", "batch_size=20", "upgrade", "0003_backfill"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    process = alembic_popen(
+        blank_url, "-x", "batch_size=20", "upgrade", "0003_backfill", key=TEST_KEY
     )
     engine = sa.create_engine(blank_url)
     writes = 0
@@ -340,6 +317,7 @@ def test_the_backfill_holds_no_table_lock_while_the_application_writes(blank_url
                     sa.text(
                         "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
                         "WHERE a.application_name = 'princeps-db-migrate' "
+                        "AND l.locktype = 'relation' "
                         "AND l.relation = '\"Integration\"'::regclass "
                         "AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', "
                         "'ExclusiveLock', 'AccessExclusiveLock')"
@@ -365,3 +343,21 @@ def test_the_backfill_holds_no_table_lock_while_the_application_writes(blank_url
         engine.dispose()
     assert process.returncode == 0
     assert writes > 0, "the backfill finished before the application could write"
+
+
+def test_the_check_constraints_carry_the_names_the_downgrade_drops(head_url: str) -> None:
+    engine = sa.create_engine(head_url)
+    with engine.connect() as connection:
+        names = set(
+            connection.execute(
+                sa.text(
+                    "SELECT conname FROM pg_constraint "
+                    "WHERE conrelid = '\"Integration\"'::regclass AND contype = 'c'"
+                )
+            ).scalars()
+        )
+    engine.dispose()
+    assert names == {
+        "Integration_accessTokenEncrypted_check",
+        "Integration_refreshTokenEncrypted_check",
+    }

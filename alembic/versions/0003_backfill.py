@@ -12,15 +12,12 @@ Create Date: 2026-12-03
 
 from collections.abc import Sequence
 
-from alembic import context, op
-
-from princeps_db.crypto import KeyRing
 from princeps_db.migration_steps import (
+    batch_connection,
     clear_ciphertext,
     decrypt_to_plaintext,
     encrypt_plaintext,
-    mark_migration_session,
-    parse_batch_size,
+    migration_inputs,
 )
 
 revision: str = "0003_backfill"
@@ -29,32 +26,15 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def _keyring() -> KeyRing:
-    keyring: KeyRing = context.config.attributes["keyring"]
-    return keyring
-
-
 def upgrade() -> None:
-    batch_size = parse_batch_size(context.get_x_argument(as_dictionary=True).get("batch_size"))
-    keyring = _keyring()
-    with op.get_context().autocommit_block():
-        connection = op.get_bind()
-        mark_migration_session(connection, on=True)
-        try:
-            encrypt_plaintext(connection, key=keyring.current, batch_size=batch_size)
-        finally:
-            mark_migration_session(connection, on=False)
+    keyring, batch_size = migration_inputs()
+    with batch_connection() as connection:
+        encrypt_plaintext(connection, key=keyring.current, batch_size=batch_size)
 
 
 def downgrade() -> None:
-    batch_size = parse_batch_size(context.get_x_argument(as_dictionary=True).get("batch_size"))
-    keyring = _keyring()
-    with op.get_context().autocommit_block():
-        connection = op.get_bind()
-        mark_migration_session(connection, on=True)
-        try:
-            # Rows the new code wrote have only ciphertext: give them plaintext first.
-            decrypt_to_plaintext(connection, keyring=keyring, batch_size=batch_size)
-            clear_ciphertext(connection, batch_size=batch_size)
-        finally:
-            mark_migration_session(connection, on=False)
+    keyring, batch_size = migration_inputs()
+    with batch_connection() as connection:
+        # Rows the new code wrote have only ciphertext: give them plaintext first.
+        decrypt_to_plaintext(connection, keyring=keyring, batch_size=batch_size)
+        clear_ciphertext(connection, batch_size=batch_size)

@@ -19,18 +19,18 @@ Create Date: 2026-12-03
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import context, op
+from alembic import op
 
-from princeps_db.crypto import KeyRing, pgp_message_check
+from princeps_db.crypto import pgp_message_check
 from princeps_db.migration_steps import (
     DROP_SYNC_TRIGGER,
     SYNC_TRIGGER,
     SYNC_TRIGGER_FUNCTION,
+    batch_connection,
     decrypt_to_plaintext,
     encrypt_plaintext,
     find_unverified_rows,
-    mark_migration_session,
-    parse_batch_size,
+    migration_inputs,
 )
 
 revision: str = "0004_contract"
@@ -42,25 +42,11 @@ ACCESS_CHECK = "Integration_accessTokenEncrypted_check"
 REFRESH_CHECK = "Integration_refreshTokenEncrypted_check"
 
 
-def _keyring() -> KeyRing:
-    keyring: KeyRing = context.config.attributes["keyring"]
-    return keyring
-
-
-def _batch_size() -> int:
-    return parse_batch_size(context.get_x_argument(as_dictionary=True).get("batch_size"))
-
-
 def upgrade() -> None:
-    keyring, batch_size = _keyring(), _batch_size()
-    with op.get_context().autocommit_block():
-        connection = op.get_bind()
-        mark_migration_session(connection, on=True)
-        try:
-            encrypt_plaintext(connection, key=keyring.current, batch_size=batch_size)
-            failing = find_unverified_rows(connection, keyring=keyring, batch_size=batch_size)
-        finally:
-            mark_migration_session(connection, on=False)
+    keyring, batch_size = migration_inputs()
+    with batch_connection() as connection:
+        encrypt_plaintext(connection, key=keyring.current, batch_size=batch_size)
+        failing = find_unverified_rows(connection, keyring=keyring, batch_size=batch_size)
     if failing:
         raise SystemExit(
             f"refusing to drop the plaintext: {len(failing)} row(s) do not decrypt to their "
@@ -90,10 +76,10 @@ def upgrade() -> None:
     op.alter_column("Integration", "accessTokenEncrypted", nullable=False)
     op.alter_column("Integration", "tokenKeyId", nullable=False)
     op.create_check_constraint(
-        ACCESS_CHECK, "Integration", pgp_message_check("accessTokenEncrypted")
+        op.f(ACCESS_CHECK), "Integration", pgp_message_check("accessTokenEncrypted")
     )
     op.create_check_constraint(
-        REFRESH_CHECK,
+        op.f(REFRESH_CHECK),
         "Integration",
         f'"refreshTokenEncrypted" IS NULL OR ({pgp_message_check("refreshTokenEncrypted")})',
     )
@@ -102,7 +88,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    keyring, batch_size = _keyring(), _batch_size()
+    keyring, batch_size = migration_inputs()
     # Idempotent DDL: a downgrade killed while decrypting can simply be run again.
     op.execute('ALTER TABLE "Integration" ADD COLUMN IF NOT EXISTS "accessToken" text')
     op.execute('ALTER TABLE "Integration" ADD COLUMN IF NOT EXISTS "refreshToken" text')
@@ -113,10 +99,5 @@ def downgrade() -> None:
     op.execute(SYNC_TRIGGER_FUNCTION)
     op.execute('DROP TRIGGER IF EXISTS "Integration_token_sync" ON "Integration"')
     op.execute(SYNC_TRIGGER)
-    with op.get_context().autocommit_block():
-        connection = op.get_bind()
-        mark_migration_session(connection, on=True)
-        try:
-            decrypt_to_plaintext(connection, keyring=keyring, batch_size=batch_size)
-        finally:
-            mark_migration_session(connection, on=False)
+    with batch_connection() as connection:
+        decrypt_to_plaintext(connection, keyring=keyring, batch_size=batch_size)
