@@ -8,10 +8,14 @@ from princeps_db.errors import (
     IntegrationNotFoundError,
     InvalidInputError,
     PrincepsDBError,
+    ProviderError,
+    ProviderUnavailableError,
+    ReauthorizationRequiredError,
     TokenDecryptionError,
     TokenExpiredError,
     UserNotFoundError,
 )
+from princeps_db.refresh import refresh_access_token
 from princeps_db.repository import (
     IntegrationInfo,
     create_user,
@@ -30,6 +34,9 @@ __all__ = [
     "KeyRing",
     "MasterKey",
     "PrincepsDBError",
+    "ProviderError",
+    "ProviderUnavailableError",
+    "ReauthorizationRequiredError",
     "Settings",
     "TokenDecryptionError",
     "TokenExpiredError",
@@ -43,5 +50,6 @@ __all__ = [
     "get_valid_token",
     "list_integrations",
     "load_settings",
+    "refresh_access_token",
     "upsert_integration",
 ]

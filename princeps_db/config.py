@@ -51,6 +51,21 @@ class Settings(BaseSettings):
     princeps_env: Environment = Environment.DEVELOPMENT
     princeps_dev_key_file: Path = Field(default=DEFAULT_DEV_KEY_FILE)
 
+    # Google OAuth 2.0 (google_calendar and google_drive). Refreshing needs the
+    # client id and secret; every URL can point at a local server for tests.
+    google_client_id: str | None = None
+    google_client_secret: SecretStr | None = None
+    google_oauth_token_url: str = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL)
+    google_oauth_revoke_url: str = "https://oauth2.googleapis.com/revoke"
+    google_calendar_api_url: str = "https://www.googleapis.com/calendar/v3"
+    google_drive_api_url: str = "https://www.googleapis.com/drive/v3"
+    # Each HTTP phase (connect, send, read) of one attempt; attempts and backoff
+    # of the retries on network errors, timeouts, 5xx and 429. Together they
+    # bound how long a refresh holds its row lock (see princeps_db.oauth).
+    google_http_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    google_http_attempts: int = Field(default=3, ge=1, le=10)
+    google_retry_backoff_seconds: float = Field(default=0.2, ge=0, le=10)
+
     @field_validator("database_url")
     @classmethod
     def _normalise_url(cls, value: SecretStr | None) -> SecretStr | None:
@@ -58,7 +73,11 @@ class Settings(BaseSettings):
             return None
         return SecretStr(normalise_database_url(value.get_secret_value()))
 
-    @field_validator("integration_token_encryption_key", "integration_token_previous_keys")
+    @field_validator(
+        "integration_token_encryption_key",
+        "integration_token_previous_keys",
+        "google_client_secret",
+    )
     @classmethod
     def _blank_is_missing(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value().strip():

@@ -33,3 +33,29 @@ class TokenExpiredError(PrincepsDBError):
 
 class InvalidInputError(PrincepsDBError, ValueError):
     """An argument is not acceptable (unknown provider, empty token, naive datetime...)."""
+
+
+class ProviderError(PrincepsDBError):
+    """The OAuth provider refused a request; ``code`` is its OAuth error code or HTTP status.
+
+    The provider's response body is never part of the message: it can echo tokens.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ReauthorizationRequiredError(ProviderError):
+    """The user's grant was revoked or has expired: they must connect the provider again.
+
+    The integration is marked ``reauthorization_required``; calls fail fast
+    without contacting the provider until ``upsert_integration`` stores new tokens.
+    """
+
+
+class ProviderUnavailableError(ProviderError):
+    """The provider could not be reached or kept failing (network, timeout, 5xx, 429).
+
+    Nothing stored changed; try again later.
+    """

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -32,6 +33,9 @@ NAMING_CONVENTION = {
 }
 
 PROVIDERS = ("google_calendar", "google_drive")
+# "reauthorization_required": the provider refused the refresh token (invalid_grant);
+# nothing calls the provider for this integration until the user reconnects.
+STATUSES = ("active", "reauthorization_required")
 
 
 class Base(DeclarativeBase):
@@ -63,6 +67,7 @@ class Integration(Base):
             f'"refreshTokenEncrypted" IS NULL OR ({pgp_message_check("refreshTokenEncrypted")})',
             name="refreshTokenEncrypted",
         ),
+        CheckConstraint("status IN ('active', 'reauthorization_required')", name="status"),
     )
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
@@ -75,6 +80,7 @@ class Integration(Base):
     token_key_id: Mapped[str] = mapped_column("tokenKeyId", Text)
     expires_at: Mapped[datetime | None] = mapped_column("expiresAt", TIMESTAMP(timezone=True))
     scope: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default=text("'active'"))
     created_at: Mapped[datetime] = mapped_column(
         "createdAt", TIMESTAMP(timezone=True), server_default=func.now()
     )

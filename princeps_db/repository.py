@@ -1,8 +1,10 @@
 """Reading and writing integrations. Tokens are encrypted and decrypted inside PostgreSQL.
 
 Every function takes the caller's SQLAlchemy ``Session`` and never commits:
-the caller owns the transaction (``with session.begin(): ...``). Tokens and
-derived keys travel only as bind parameters.
+the caller owns the transaction (``with session.begin(): ...``). The one
+exception is a token refresh inside ``get_valid_token``, which commits on its
+own connection (see ``princeps_db.refresh``). Tokens and derived keys travel
+only as bind parameters.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from princeps_db.db import session_keyring
 from princeps_db.errors import (
     IntegrationNotFoundError,
     InvalidInputError,
+    ReauthorizationRequiredError,
     TokenDecryptionError,
     TokenExpiredError,
     UserNotFoundError,
@@ -30,6 +33,7 @@ from princeps_db.errors import (
 from princeps_db.models import PROVIDERS, Integration, User
 
 Provider = Literal["google_calendar", "google_drive"]
+Status = Literal["active", "reauthorization_required"]
 
 # A token this close to expiry would likely die in flight: treat it as expired.
 EXPIRY_SKEW = timedelta(seconds=60)
@@ -50,6 +54,7 @@ class IntegrationInfo(BaseModel):
     scope: str | None
     expires_at: datetime | None
     key_id: str
+    status: Status
     created_at: datetime
     updated_at: datetime
 
@@ -61,6 +66,7 @@ _INFO_COLUMNS = (
     Integration.scope,
     Integration.expires_at,
     Integration.token_key_id,
+    Integration.status,
     Integration.created_at,
     Integration.updated_at,
 )
@@ -74,6 +80,7 @@ def _info_from_row(row: Any) -> IntegrationInfo:
         scope=row.scope,
         expires_at=row.expires_at,
         key_id=row.token_key_id,
+        status=row.status,
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
@@ -228,6 +235,8 @@ def upsert_integration(
             Integration.token_key_id: statement.excluded.tokenKeyId,
             Integration.expires_at: statement.excluded.expiresAt,
             Integration.scope: statement.excluded.scope,
+            # New tokens from the user reconnecting end a reauthorisation state.
+            Integration.status: "active",
             Integration.updated_at: func.now(),
         },
     ).returning(*_INFO_COLUMNS)
@@ -243,7 +252,17 @@ def upsert_integration(
 
 
 def get_valid_token(session: Session, *, user_id: str, provider: str) -> str:
-    """Return the decrypted access token, or raise if it is missing, expired or undecryptable."""
+    """Return a usable access token, refreshing it with the provider when it is about to expire.
+
+    A fresh token costs one query in the caller's transaction. A token within
+    ``EXPIRY_SKEW`` of expiry is refreshed once among all concurrent callers,
+    under a row lock, on a separate connection whose transaction the refresh
+    owns and commits (see ``princeps_db.refresh``). Raises
+    ``ReauthorizationRequiredError`` (without contacting the provider) for an
+    integration marked ``reauthorization_required``, ``TokenExpiredError`` for
+    an expired token without a refresh token, and ``ProviderUnavailableError``
+    when the provider cannot refresh it right now.
+    """
     user, prov = _check_identity(user_id, provider)
     keyring = session_keyring(session)
     derived_key = derived_key_by_key_id(
@@ -252,11 +271,16 @@ def get_valid_token(session: Session, *, user_id: str, provider: str) -> str:
     fresh = Integration.expires_at.is_(None) | (
         Integration.expires_at > func.statement_timestamp() + EXPIRY_SKEW
     )
+    active = Integration.status == "active"
     statement = select(
         Integration.token_key_id,
+        Integration.status,
         fresh.label("fresh"),
+        Integration.refresh_token_encrypted.is_not(None).label("refreshable"),
         # Decrypt only what will be returned: an expired token never leaves the server.
-        case((fresh, decrypt_sql(Integration.access_token_encrypted, derived_key))).label("token"),
+        case((fresh & active, decrypt_sql(Integration.access_token_encrypted, derived_key))).label(
+            "token"
+        ),
     ).where(Integration.user_id == user, Integration.provider == prov)
     try:
         row = session.execute(statement).one_or_none()
@@ -264,8 +288,22 @@ def get_valid_token(session: Session, *, user_id: str, provider: str) -> str:
         _raise_decryption_error(error, user_id=user, provider=prov)
     if row is None:
         raise IntegrationNotFoundError(f"user {user!r} has no {prov} integration")
+    if row.status != "active":
+        raise ReauthorizationRequiredError(
+            f"the {prov} integration of user {user!r} needs re-authorisation (the provider "
+            "refused its refresh token); ask the user to connect it again",
+            code="invalid_grant",
+        )
     if not row.fresh:
-        raise TokenExpiredError(f"the {prov} access token of user {user!r} has expired")
+        if not row.refreshable:
+            raise TokenExpiredError(
+                f"the {prov} access token of user {user!r} has expired and there is no refresh "
+                "token; ask the user to connect the provider again"
+            )
+        # Imported here: the refresh module builds on this one.
+        from princeps_db.refresh import refresh_expiring_token
+
+        return refresh_expiring_token(session, user_id=user, provider=prov)
     if row.token is None:
         keyring.for_key_id(row.token_key_id)  # raises, naming the missing key id
         raise TokenDecryptionError(f"the stored {prov} token of user {user!r} is empty")
@@ -283,8 +321,15 @@ def list_integrations(session: Session, *, user_id: str) -> list[IntegrationInfo
 
 
 def delete_integration(session: Session, *, user_id: str, provider: str) -> bool:
-    """Delete the user's integration; return whether one existed."""
+    """Revoke the grant at the provider (best effort), delete the integration, say if it existed.
+
+    A failed revocation is logged by its error code and does not keep the row.
+    """
     user, prov = _check_identity(user_id, provider)
+    # Imported here: the refresh module builds on this one.
+    from princeps_db.refresh import revoke_before_delete
+
+    revoke_before_delete(session, user_id=user, provider=prov)
     result = session.execute(
         delete(Integration)
         .where(Integration.user_id == user, Integration.provider == prov)

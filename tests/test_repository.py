@@ -92,6 +92,7 @@ def test_integration_info_never_carries_a_token(session: Session) -> None:
         "scope",
         "expires_at",
         "key_id",
+        "status",
         "created_at",
         "updated_at",
     }
@@ -130,8 +131,9 @@ def test_each_provider_is_its_own_integration(session: Session) -> None:
     ]
 
 
-def test_an_expired_token_raises_token_expired(session: Session) -> None:
-    _connect(session, expires_at=datetime.now(UTC) - timedelta(minutes=5))
+def test_an_expired_token_without_refresh_token_raises_token_expired(session: Session) -> None:
+    # With a refresh token it is refreshed instead (tests/test_refresh.py).
+    _connect(session, refresh=None, expires_at=datetime.now(UTC) - timedelta(minutes=5))
     with pytest.raises(TokenExpiredError):
         get_valid_token(session, user_id="u1", provider="google_calendar")
 
