@@ -26,8 +26,9 @@ from princeps_db.config import get_settings
 from princeps_db.crypto import KeyRing, generate_master_key
 from princeps_db.db import create_session_factory
 from princeps_db.demo_data import LegacyRow, seed_legacy_rows
+from princeps_db.fake_google import demo_refresh
 from princeps_db.pgserver import LocalPostgres, find_pg_bindir
-from princeps_db.repository import get_valid_token
+from princeps_db.repository import create_user, get_valid_token
 from princeps_db.rotation import demo_rotation
 
 
@@ -244,6 +245,8 @@ def _run_steps(
     console.print("\n[bold]3. The application reads a token[/] (get_valid_token)")
     sessions = create_session_factory(engine, keyring=keyring)
     sample = seeded[len(seeded) // 3]
+    with sessions() as session, session.begin():
+        create_user(session, user_id="user-demo-refresh", email="refresh@example.com")
     with sessions() as session:
         token = get_valid_token(session, user_id=sample.user_id, provider=sample.provider)
     verdict = "[green]matches[/]" if token == sample.access_token else "[red]DIFFERS from[/]"
@@ -252,7 +255,10 @@ def _run_steps(
         "the original plaintext."
     )
 
-    console.print("\n[bold]4. Rotate the master key[/] (princeps-db rotate-key, online)")
+    console.print("\n[bold]4. A token expires: refresh with the provider[/] (get_valid_token)")
+    demo_refresh(console, sessions, user_id="user-demo-refresh")
+
+    console.print("\n[bold]5. Rotate the master key[/] (princeps-db rotate-key, online)")
     new_keyring = KeyRing.from_texts(generate_master_key(), previous=[key])
     demo_rotation(console, engine, old_keyring=keyring, new_keyring=new_keyring)
     with create_session_factory(engine, keyring=KeyRing(new_keyring.current))() as session:

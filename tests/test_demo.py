@@ -26,7 +26,9 @@ def test_demo_encrypts_a_legacy_database_and_prints_no_secret() -> None:
     assert "300 integrations written in plaintext" in output
     assert re.search(r"now shows 0 readable tokens out of 570", output)
     assert "matches" in output and "the original plaintext" in output
-    assert re.search(r"rotated 300 rows", output)
+    assert "with 1 request to the token endpoint" in output
+    assert "Google Calendar call with the refreshed token: 3 upcoming events" in output
+    assert re.search(r"rotated 301 rows", output)
     assert "read back with the new key alone" in output and "still matches" in output
     assert "stopped and removed" in output
     assert not re.search(r"ya29\.[A-Za-z0-9]", output), "a token leaked into the demo output"

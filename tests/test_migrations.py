@@ -360,5 +360,5 @@ def test_the_check_constraints_carry_the_names_the_downgrade_drops(head_url: str
     assert names == {
         "Integration_accessTokenEncrypted_check",
         "Integration_refreshTokenEncrypted_check",
-        "Integration_status_check",  # added and dropped by 0005_integration_status
+        "Integration_status_check",  # added and dropped by 0004_integration_status
     }

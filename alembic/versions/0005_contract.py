@@ -11,8 +11,8 @@
 
 The downgrade restores the plaintext columns by decrypting (it needs the key).
 
-Revision ID: 0004_contract
-Revises: 0003_backfill
+Revision ID: 0005_contract
+Revises: 0004_integration_status
 Create Date: 2026-12-03
 """
 
@@ -33,8 +33,8 @@ from princeps_db.migration_steps import (
     migration_inputs,
 )
 
-revision: str = "0004_contract"
-down_revision: str | None = "0003_backfill"
+revision: str = "0005_contract"
+down_revision: str | None = "0004_integration_status"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
