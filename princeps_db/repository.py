@@ -305,6 +305,12 @@ def get_valid_token(session: Session, *, user_id: str, provider: str) -> str:
 
         return refresh_expiring_token(session, user_id=user, provider=prov)
     if row.token is None:
+        if row.token_key_id is None:
+            # Only possible in the migration window, before the contract revision.
+            raise TokenDecryptionError(
+                f"the {prov} integration of user {user!r} was last written by the "
+                "pre-encryption code and has no ciphertext yet; run `alembic upgrade head`"
+            )
         keyring.for_key_id(row.token_key_id)  # raises, naming the missing key id
         raise TokenDecryptionError(f"the stored {prov} token of user {user!r} is empty")
     token: str = row.token

@@ -362,3 +362,40 @@ def test_the_check_constraints_carry_the_names_the_downgrade_drops(head_url: str
         "Integration_refreshTokenEncrypted_check",
         "Integration_status_check",  # added and dropped by 0004_integration_status
     }
+
+
+def test_the_new_code_runs_in_the_migration_window(blank_url: str) -> None:
+    """After 0004 the new code reads and writes; a row the legacy code rewrote says what to do."""
+    from princeps_db import TokenDecryptionError, create_session_factory, upsert_integration
+    from princeps_db import get_valid_token as read_token
+
+    alembic_run(blank_url, "upgrade", "0001_baseline", keyring=TEST_KEYRING)
+    rows = seed_legacy_rows(blank_url, 6)
+    alembic_run(blank_url, "upgrade", "0004_integration_status", keyring=TEST_KEYRING)
+    engine = sa.create_engine(blank_url, hide_parameters=True)
+    sessions = create_session_factory(engine, keyring=TEST_KEYRING)
+    with sessions() as session:
+        assert read_token(session, user_id=rows[1].user_id, provider=rows[1].provider) == (
+            rows[1].access_token
+        )
+        upsert_integration(
+            session,
+            user_id=rows[2].user_id,
+            provider=rows[2].provider,
+            access_token="ya29.new-code",
+            refresh_token=None,
+            expires_at=None,
+        )
+        session.commit()
+        with engine.begin() as legacy:
+            legacy.execute(
+                sa.text('UPDATE "Integration" SET "accessToken" = \'ya29.legacy\' WHERE id = :id'),
+                {"id": rows[3].id},
+            )
+        with pytest.raises(TokenDecryptionError, match="alembic upgrade head"):
+            read_token(session, user_id=rows[3].user_id, provider=rows[3].provider)
+    engine.dispose()
+    alembic_run(blank_url, "upgrade", "head", keyring=TEST_KEYRING)
+    tokens = decrypt_all(blank_url, TEST_KEYRING)
+    assert tokens[rows[2].id] == ("ya29.new-code", rows[2].refresh_token)
+    assert tokens[rows[3].id][0] == "ya29.legacy"
