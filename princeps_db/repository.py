@@ -179,7 +179,8 @@ def _kept_refresh_token(keyring: KeyRing, *, user_id: str, provider: str) -> Col
 def create_user(session: Session, *, email: str, user_id: str | None = None) -> str:
     """Insert a user and return its id."""
     checked_email = _check_text("email", email, max_chars=MAX_TEXT_CHARS)
-    new_id = user_id or str(uuid.uuid4())
+    checked_id = _check_text("user_id", user_id, max_chars=MAX_TEXT_CHARS, optional=True)
+    new_id = checked_id or str(uuid.uuid4())
     session.add(User(id=new_id, email=checked_email))
     session.flush()
     return new_id

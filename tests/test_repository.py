@@ -9,13 +9,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from pydantic import ValidationError
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from princeps_db import (
     IntegrationInfo,
     IntegrationNotFoundError,
-    InvalidInputError,
     TokenDecryptionError,
     TokenExpiredError,
     UserNotFoundError,
@@ -192,144 +190,3 @@ def _same_id_other_secret(session: Session) -> Any:
     fake = MasterKey(b"\x01" * 32)
     object.__setattr__(fake, "key_id", real.key_id)
     return fake
-
-
-@pytest.mark.parametrize(
-    ("source", "target"),
-    [
-        (
-            ("u2", "google_calendar", "accessTokenEncrypted"),
-            ("u1", "google_calendar", "accessTokenEncrypted"),
-        ),
-        (
-            ("u1", "google_drive", "accessTokenEncrypted"),
-            ("u1", "google_calendar", "accessTokenEncrypted"),
-        ),
-        (
-            ("u1", "google_calendar", "refreshTokenEncrypted"),
-            ("u1", "google_calendar", "accessTokenEncrypted"),
-        ),
-    ],
-    ids=["between-users", "between-providers", "between-columns"],
-)
-def test_a_ciphertext_moved_to_another_place_does_not_decrypt(
-    session: Session,
-    raw: sa.Connection,
-    source: tuple[str, str, str],
-    target: tuple[str, str, str],
-) -> None:
-    _connect(session, user_id="u1", provider="google_calendar", access="ya29.mine")
-    _connect(session, user_id="u1", provider="google_drive", access="ya29.drive")
-    _connect(session, user_id="u2", provider="google_calendar", access="ya29.theirs")
-    raw.execute(
-        sa.text(
-            f'UPDATE "Integration" SET "{target[2]}" = (SELECT "{source[2]}" FROM "Integration" '
-            'WHERE "userId" = :su AND provider = :sp) WHERE "userId" = :tu AND provider = :tp'
-        ),
-        {"su": source[0], "sp": source[1], "tu": target[0], "tp": target[1]},
-    )
-    raw.commit()
-    before = _stored(raw)
-    with pytest.raises(TokenDecryptionError):
-        get_valid_token(session, user_id=target[0], provider=target[1])
-    session.rollback()
-    assert _stored(raw) == before
-
-
-def _message(raw: sa.Connection, options: str) -> bytes:
-    value: bytes = raw.execute(
-        sa.text("SELECT pgp_sym_encrypt('ya29.x', 'k', :o)"), {"o": options}
-    ).scalar_one()
-    return value
-
-
-def _with_cipher_byte(message: bytes, cipher: int) -> bytes:
-    # Patched servers refuse to encrypt with Blowfish at all (CVE-2026-14663), so
-    # a Blowfish message is made by relabelling the cipher byte of a real one.
-    return message[:3] + bytes([cipher]) + message[4:]
-
-
-MESSAGES = {
-    "blowfish": lambda raw: _with_cipher_byte(_message(raw, "cipher-algo=aes256"), 4),
-    "cast5": lambda raw: _with_cipher_byte(_message(raw, "cipher-algo=aes256"), 3),
-    "no-mdc": lambda raw: _message(raw, "cipher-algo=aes256, disable-mdc=1"),
-    "aes128": lambda raw: _message(raw, "cipher-algo=aes128"),
-    "defaults": lambda raw: _message(raw, ""),
-    "unsalted-s2k": lambda raw: _message(raw, "cipher-algo=aes256, s2k-mode=0"),
-}
-
-
-@pytest.mark.parametrize("kind", list(MESSAGES))
-def test_the_database_refuses_ciphertext_that_is_not_aes256_with_mdc(
-    session: Session, raw: sa.Connection, kind: str
-) -> None:
-    _connect(session)
-    value = MESSAGES[kind](raw)
-    raw.rollback()
-    with pytest.raises(IntegrityError):
-        raw.execute(sa.text('UPDATE "Integration" SET "accessTokenEncrypted" = :v'), {"v": value})
-    raw.rollback()
-    with pytest.raises(IntegrityError):
-        raw.execute(sa.text('UPDATE "Integration" SET "refreshTokenEncrypted" = :v'), {"v": value})
-    raw.rollback()
-
-
-@pytest.mark.parametrize(
-    "value", [b"ya29.plain-token", b"", b"\xc3"], ids=["plain", "empty", "short"]
-)
-def test_the_database_refuses_plain_bytes(
-    session: Session, raw: sa.Connection, value: bytes
-) -> None:
-    _connect(session)
-    with pytest.raises(IntegrityError):
-        raw.execute(sa.text('UPDATE "Integration" SET "accessTokenEncrypted" = :v'), {"v": value})
-    raw.rollback()
-
-
-GOOD: dict[str, Any] = {
-    "user_id": "u1",
-    "provider": "google_calendar",
-    "access_token": "ya29.ok",
-    "refresh_token": "1//ok",
-    "expires_at": IN_AN_HOUR,
-    "scope": None,
-}
-BAD_UPSERTS = [
-    ("unknown provider", {"provider": "dropbox"}),
-    ("provider None", {"provider": None}),
-    ("empty access token", {"access_token": ""}),
-    ("blank access token", {"access_token": "   "}),
-    ("access token None", {"access_token": None}),
-    ("access token bytes", {"access_token": b"ya29.bytes"}),
-    ("access token int", {"access_token": 42}),
-    ("empty refresh token", {"refresh_token": ""}),
-    ("NUL in token", {"access_token": "ya29.\x00evil"}),
-    ("1 MB token", {"access_token": "x" * 1_000_000}),
-    ("naive datetime", {"expires_at": datetime(2030, 1, 1)}),
-    ("expiry as string", {"expires_at": "2030-01-01T00:00:00Z"}),
-    ("empty user id", {"user_id": ""}),
-    ("user id None", {"user_id": None}),
-]
-
-
-@pytest.mark.parametrize(("case", "override"), BAD_UPSERTS, ids=[c for c, _ in BAD_UPSERTS])
-def test_bad_input_is_refused_with_a_value_error_and_writes_nothing(
-    session: Session, raw: sa.Connection, case: str, override: dict[str, Any]
-) -> None:
-    _connect(session)
-    before = _stored(raw)
-    with pytest.raises(InvalidInputError) as raised:
-        upsert_integration(session, **{**GOOD, **override})
-    assert isinstance(raised.value, ValueError)
-    assert "ya29" not in str(raised.value)
-    session.rollback()
-    assert _stored(raw) == before
-
-
-def test_bad_lookups_are_refused(session: Session) -> None:
-    with pytest.raises(InvalidInputError):
-        get_valid_token(session, user_id="u1", provider="github")
-    with pytest.raises(InvalidInputError):
-        list_integrations(session, user_id=None)  # type: ignore[arg-type]
-    with pytest.raises(InvalidInputError):
-        delete_integration(session, user_id="u1", provider="")

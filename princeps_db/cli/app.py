@@ -10,6 +10,7 @@ from typing import NoReturn, TypeVar
 import psycopg
 import typer
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy.exc import OperationalError
 
 from princeps_db.errors import ConfigurationError, PrincepsDBError
@@ -59,8 +60,24 @@ def friendly_errors() -> Iterator[None]:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: usage errors too become one line and exit code 2."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as error:
+        # Click's exceptions (vendored by newer Typer releases, so matched by shape):
+        # a usage error carries an exit code and a message meant for the user.
+        message = getattr(error, "format_message", None)
+        exit_code = getattr(error, "exit_code", None)
+        if not callable(message) or not isinstance(exit_code, int):
+            raise
+        if type(error).__name__ == "NoArgsIsHelpError":
+            err_console.print(message(), highlight=False, markup=False)
+            sys.exit(exit_code)
+        text = " ".join(str(message()).split())
+        err_console.print(
+            f"[bold red]error:[/] {escape(text)} (see --help)", highlight=False, soft_wrap=True
+        )
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
