@@ -2,9 +2,9 @@
 
 The plaintext functions below mirror ``get_valid_token`` and
 ``upsert_integration`` statement for statement (same validation, same
-SQLAlchemy constructs, same columns returned) on ``"IntegrationPlain"``, so the
-ratio isolates what encryption adds: deriving the key in Python, the extra
-CASE over key ids, and pgcrypto on the server.
+SQLAlchemy constructs on an ORM-mapped class, same columns returned) on
+``"IntegrationPlain"``, so the ratio isolates what encryption adds: deriving
+the key in Python, the extra SQL expressions, and pgcrypto on the server.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import TIMESTAMP, Column, MetaData, Table, Text, case, func, select
+from sqlalchemy import TIMESTAMP, Text, case, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from benchmarks.databases import PLAINTEXT_TABLE, seeded_identity
 from benchmarks.stats import percentile, ratios, summary
@@ -44,41 +44,50 @@ from princeps_db.repository import (
 
 PLAINTEXT_KEY_ID = "plaintext"
 
-plain = Table(
-    PLAINTEXT_TABLE,
-    MetaData(),
-    Column("id", Text, primary_key=True),
-    Column("userId", Text),
-    Column("provider", Text),
-    Column("accessToken", Text),
-    Column("refreshToken", Text),
-    Column("tokenKeyId", Text),
-    Column("expiresAt", TIMESTAMP(timezone=True)),
-    Column("scope", Text),
-    Column("createdAt", TIMESTAMP(timezone=True)),
-    Column("updatedAt", TIMESTAMP(timezone=True)),
-)
+
+class _PlainBase(DeclarativeBase):
+    pass
+
+
+class IntegrationPlain(_PlainBase):
+    """The plaintext copy, mapped like ``Integration`` so both go through the same ORM paths."""
+
+    __tablename__ = PLAINTEXT_TABLE
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    user_id: Mapped[str] = mapped_column("userId", Text)
+    provider: Mapped[str] = mapped_column(Text)
+    access_token: Mapped[str] = mapped_column("accessToken", Text)
+    refresh_token: Mapped[str | None] = mapped_column("refreshToken", Text)
+    token_key_id: Mapped[str] = mapped_column("tokenKeyId", Text)
+    expires_at: Mapped[datetime | None] = mapped_column("expiresAt", TIMESTAMP(timezone=True))
+    scope: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column("createdAt", TIMESTAMP(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column("updatedAt", TIMESTAMP(timezone=True))
+
+
 _PLAIN_INFO = (
-    plain.c.id,
-    plain.c.userId,
-    plain.c.provider,
-    plain.c.scope,
-    plain.c.expiresAt,
-    plain.c.tokenKeyId,
-    plain.c.createdAt,
-    plain.c.updatedAt,
+    IntegrationPlain.id,
+    IntegrationPlain.user_id,
+    IntegrationPlain.provider,
+    IntegrationPlain.scope,
+    IntegrationPlain.expires_at,
+    IntegrationPlain.token_key_id,
+    IntegrationPlain.created_at,
+    IntegrationPlain.updated_at,
 )
 
 
 def plaintext_get_token(session: Session, *, user_id: str, provider: str) -> str:
     """``get_valid_token``'s statement on the plaintext copy, without the decrypt."""
     user, prov = _check_identity(user_id, provider)
-    fresh = plain.c.expiresAt.is_(None) | (
-        plain.c.expiresAt > func.statement_timestamp() + EXPIRY_SKEW
+    plain = IntegrationPlain
+    fresh = plain.expires_at.is_(None) | (
+        plain.expires_at > func.statement_timestamp() + EXPIRY_SKEW
     )
     statement = select(
-        plain.c.tokenKeyId, fresh.label("fresh"), case((fresh, plain.c.accessToken)).label("token")
-    ).where(plain.c.userId == user, plain.c.provider == prov)
+        plain.token_key_id, fresh.label("fresh"), case((fresh, plain.access_token)).label("token")
+    ).where(plain.user_id == user, plain.provider == prov)
     row = session.execute(statement).one_or_none()
     if row is None or not row.fresh:
         raise TokenExpiredError("missing or expired")
@@ -102,38 +111,39 @@ def plaintext_upsert(
     refresh = _check_text("refresh_token", refresh_token, max_chars=MAX_TOKEN_CHARS, optional=True)
     expiry = _check_expiry(expires_at)
     checked_scope = _check_text("scope", scope, max_chars=MAX_TEXT_CHARS, optional=True)
+    plain = IntegrationPlain
     statement = insert(plain).values(
         id=str(uuid.uuid4()),
-        userId=user,
+        user_id=user,
         provider=prov,
-        accessToken=access,
-        refreshToken=refresh,
-        tokenKeyId=PLAINTEXT_KEY_ID,
-        expiresAt=expiry,
+        access_token=access,
+        refresh_token=refresh,
+        token_key_id=PLAINTEXT_KEY_ID,
+        expires_at=expiry,
         scope=checked_scope,
     )
-    new_refresh = statement.excluded.refreshToken if refresh is not None else plain.c.refreshToken
+    new_refresh = statement.excluded.refreshToken if refresh is not None else plain.refresh_token
     upsert = statement.on_conflict_do_update(
-        index_elements=[plain.c.userId, plain.c.provider],
+        index_elements=[plain.user_id, plain.provider],
         set_={
-            plain.c.refreshToken: new_refresh,
-            plain.c.accessToken: statement.excluded.accessToken,
-            plain.c.tokenKeyId: statement.excluded.tokenKeyId,
-            plain.c.expiresAt: statement.excluded.expiresAt,
-            plain.c.scope: statement.excluded.scope,
-            plain.c.updatedAt: func.now(),
+            plain.refresh_token: new_refresh,
+            plain.access_token: statement.excluded.accessToken,
+            plain.token_key_id: statement.excluded.tokenKeyId,
+            plain.expires_at: statement.excluded.expiresAt,
+            plain.scope: statement.excluded.scope,
+            plain.updated_at: func.now(),
         },
     ).returning(*_PLAIN_INFO)
     row = session.execute(upsert).one()
     return IntegrationInfo(
         id=row.id,
-        user_id=row.userId,
+        user_id=row.user_id,
         provider=row.provider,
         scope=row.scope,
-        expires_at=row.expiresAt,
-        key_id=row.tokenKeyId,
-        created_at=row.createdAt,
-        updated_at=row.updatedAt,
+        expires_at=row.expires_at,
+        key_id=row.token_key_id,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
     )
 
 
@@ -177,39 +187,53 @@ class Repetition:
     client_cpu_us: float
 
 
-def timed_batch(
-    side: Side,
-    call: Callable[[Session, dict[str, Any]], object],
-    arguments: Sequence[dict[str, Any]],
-) -> Repetition:
-    """Time each call of the repository function alone; commit after each, untimed.
+Call = Callable[[Session, dict[str, Any]], object]
 
-    One transaction per call, as a request would have; the COMMIT round trip is
-    the same on both sides and is left out, which makes the ratio stricter.
+
+def _finish(durations: list[float], server: float | None, client: float, calls: int) -> Repetition:
+    return Repetition(
+        percentile(durations, 0.5),
+        percentile(durations, 0.95),
+        None if server is None else server / calls * 1e6,
+        client / calls * 1e6,
+    )
+
+
+def timed_pairs(
+    encrypted: tuple[Side, Call], plaintext: tuple[Side, Call], arguments: Sequence[dict[str, Any]]
+) -> tuple[Repetition, Repetition]:
+    """Time each call of both functions, alternating call by call; commit after each, untimed.
+
+    Alternating per call (and flipping which side goes first) means both sides
+    see the same machine: on a shared host, load that comes and goes lands
+    on both equally. One transaction per call, as a request would have; the
+    COMMIT round trip is the same on both sides and is left out of the call
+    time, which makes the ratio stricter.
     """
-    session, durations = side.session, []
-    server_before = backend_cpu_seconds(side.backend_pid)
-    client_before = time.process_time()
+    sides = (encrypted, plaintext)
+    durations: tuple[list[float], list[float]] = ([], [])
+    client = [0.0, 0.0]
+    server_before = [backend_cpu_seconds(side.backend_pid) for side, _ in sides]
     gc.collect()
     gc.disable()
     try:
-        for kwargs in arguments:
-            started = time.perf_counter_ns()
-            call(session, kwargs)
-            durations.append((time.perf_counter_ns() - started) / 1000)
-            session.commit()
+        for number, kwargs in enumerate(arguments):
+            for index in (0, 1) if number % 2 == 0 else (1, 0):
+                side, call = sides[index]
+                cpu = time.process_time()
+                started = time.perf_counter_ns()
+                call(side.session, kwargs)
+                durations[index].append((time.perf_counter_ns() - started) / 1000)
+                side.session.commit()
+                client[index] += time.process_time() - cpu
     finally:
         gc.enable()
-    client_cpu = (time.process_time() - client_before) / len(arguments) * 1e6
-    server_after = backend_cpu_seconds(side.backend_pid)
-    server_cpu = (
-        None
-        if server_before is None or server_after is None
-        else (server_after - server_before) / len(arguments) * 1e6
-    )
-    return Repetition(
-        percentile(durations, 0.5), percentile(durations, 0.95), server_cpu, client_cpu
-    )
+    results = []
+    for index, (side, _) in enumerate(sides):
+        after, before = backend_cpu_seconds(side.backend_pid), server_before[index]
+        server = None if after is None or before is None else after - before
+        results.append(_finish(durations[index], server, client[index], len(arguments)))
+    return results[0], results[1]
 
 
 def _side_summary(reps: Sequence[Repetition]) -> dict[str, Any]:
@@ -226,30 +250,26 @@ def compare(
     engine: Engine,
     keyring: KeyRing,
     *,
-    encrypted: Callable[[Session, dict[str, Any]], object],
-    plaintext: Callable[[Session, dict[str, Any]], object],
+    encrypted: Call,
+    plaintext: Call,
     make_arguments: Callable[[random.Random, int], list[dict[str, Any]]],
     calls: int,
     repeat: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Interleave batches of encrypted and plaintext calls; ratios are per repetition."""
+    """Encrypted and plaintext calls, interleaved; ratios are per repetition."""
     rng = random.Random(seed)
     with engine.connect() as enc_conn, engine.connect() as plain_conn:
         enc, pln = open_side(enc_conn, keyring), open_side(plain_conn, keyring)
         warm = make_arguments(rng, min(calls, 200))
-        timed_batch(enc, encrypted, warm)
-        timed_batch(pln, plaintext, warm)
+        timed_pairs((enc, encrypted), (pln, plaintext), warm)
         enc_reps, plain_reps = [], []
-        for number in range(repeat):
-            arguments = make_arguments(rng, calls)
-            # Alternate which side goes first so drift in the machine cancels out.
-            if number % 2 == 0:
-                plain_reps.append(timed_batch(pln, plaintext, arguments))
-                enc_reps.append(timed_batch(enc, encrypted, arguments))
-            else:
-                enc_reps.append(timed_batch(enc, encrypted, arguments))
-                plain_reps.append(timed_batch(pln, plaintext, arguments))
+        for _ in range(repeat):
+            enc_rep, plain_rep = timed_pairs(
+                (enc, encrypted), (pln, plaintext), make_arguments(rng, calls)
+            )
+            enc_reps.append(enc_rep)
+            plain_reps.append(plain_rep)
         enc.session.close()
         pln.session.close()
     return {
