@@ -67,6 +67,7 @@ CREATE TABLE "{PLAINTEXT_TABLE}" (
     scope text,
     "createdAt" timestamptz NOT NULL DEFAULT now(),
     "updatedAt" timestamptz NOT NULL DEFAULT now(),
+    status text NOT NULL DEFAULT 'active',
     UNIQUE ("userId", provider)
 );
 INSERT INTO "{PLAINTEXT_TABLE}"

@@ -64,6 +64,7 @@ class IntegrationPlain(_PlainBase):
     scope: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column("createdAt", TIMESTAMP(timezone=True))
     updated_at: Mapped[datetime] = mapped_column("updatedAt", TIMESTAMP(timezone=True))
+    status: Mapped[str] = mapped_column(Text)
 
 
 _PLAIN_INFO = (
@@ -75,6 +76,7 @@ _PLAIN_INFO = (
     IntegrationPlain.token_key_id,
     IntegrationPlain.created_at,
     IntegrationPlain.updated_at,
+    IntegrationPlain.status,
 )
 
 
@@ -85,11 +87,16 @@ def plaintext_get_token(session: Session, *, user_id: str, provider: str) -> str
     fresh = plain.expires_at.is_(None) | (
         plain.expires_at > func.statement_timestamp() + EXPIRY_SKEW
     )
+    active = plain.status == "active"
     statement = select(
-        plain.token_key_id, fresh.label("fresh"), case((fresh, plain.access_token)).label("token")
+        plain.token_key_id,
+        plain.status,
+        fresh.label("fresh"),
+        plain.refresh_token.is_not(None).label("refreshable"),
+        case((fresh & active, plain.access_token)).label("token"),
     ).where(plain.user_id == user, plain.provider == prov)
     row = session.execute(statement).one_or_none()
-    if row is None or not row.fresh:
+    if row is None or not row.fresh or row.status != "active":
         raise TokenExpiredError("missing or expired")
     token: str = row.token
     return token
@@ -132,6 +139,7 @@ def plaintext_upsert(
             plain.expires_at: statement.excluded.expiresAt,
             plain.scope: statement.excluded.scope,
             plain.updated_at: func.now(),
+            plain.status: "active",
         },
     ).returning(*_PLAIN_INFO)
     row = session.execute(upsert).one()
@@ -144,6 +152,7 @@ def plaintext_upsert(
         key_id=row.token_key_id,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        status=row.status,
     )
 
 
