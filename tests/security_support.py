@@ -31,6 +31,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import sqlalchemy as sa
+from alembic.script import ScriptDirectory
 from pydantic import SecretStr
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -49,7 +50,7 @@ from princeps_db.config import Environment, Settings
 from princeps_db.crypto import KeyRing, MasterKey, TokenKind, generate_master_key
 from princeps_db.demo_data import LegacyRow, seed_legacy_rows
 from princeps_db.pgserver import LocalPostgres
-from tests.support import REPO_ROOT, alembic_run
+from tests.support import REPO_ROOT, alembic_config, alembic_run
 
 Tokens = dict[str, tuple[str, str | None]]
 """Integration id -> (access token, refresh token)."""
@@ -504,7 +505,9 @@ class FaultScenario:
 
     ``build`` fills a fresh database (given its URL) and returns the tokens every
     row must decrypt to under ``keyring_after`` once ``argv`` has completed.
-    ``progress_sql`` counts rows already processed (``total`` when done).
+    ``progress_sql`` counts rows already processed (``total`` when done);
+    ``finished_sql`` tells whether the command completed (a run killed early
+    must leave it false, or the interruption proved nothing).
     """
 
     name: str
@@ -514,6 +517,8 @@ class FaultScenario:
     progress_sql: str
     total: int
     keyring_after: KeyRing
+    finished_sql: str
+    """A query that is true once the command has done all its work."""
     application_name: str = "princeps-db-migrate"
 
     def kill_points(self, how_many: int) -> list[int]:
@@ -619,4 +624,50 @@ def backfill_scenario(*, rows: int, batch_size: int, key_text: str) -> FaultScen
         ),
         total=rows,
         keyring_after=KeyRing.from_texts(key_text),
+        finished_sql=(
+            f"SELECT coalesce(max(version_num), '') = '{alembic_head()}' FROM alembic_version"
+        ),
     )
+
+
+def rotation_scenario(
+    *, rows: int, batch_size: int, old_key_text: str, new_key_text: str
+) -> FaultScenario:
+    """``princeps-db rotate-key`` over ``rows`` integrations under ``old_key_text``.
+
+    The starting database is the backfill's result: legacy rows encrypted under
+    the old key by the real migrations. The command runs with the new key
+    current and the old one in ``INTEGRATION_TOKEN_PREVIOUS_KEYS``, as a deploy
+    would; afterwards every row must decrypt under the new key alone.
+    """
+    new_key_id = MasterKey.from_text(new_key_text).key_id
+
+    def build(url: str) -> Tokens:
+        keyring = KeyRing.from_texts(old_key_text)
+        alembic_run(url, "upgrade", "0001_baseline", keyring=keyring)
+        seed_legacy_rows(url, rows)
+        expected = plaintext_rows(url)
+        alembic_run(url, "upgrade", "head", keyring=keyring)
+        return expected
+
+    under_new_key = f"\"tokenKeyId\" = '{new_key_id}'"
+    return FaultScenario(
+        name="rotation (princeps-db rotate-key)",
+        build=build,
+        argv=princeps_db_argv("rotate-key", "--batch-size", str(batch_size)),
+        env=lambda url: command_env(
+            url, new_key_text, INTEGRATION_TOKEN_PREVIOUS_KEYS=old_key_text
+        ),
+        progress_sql=f'SELECT count(*) FROM "Integration" WHERE {under_new_key}',
+        total=rows,
+        keyring_after=KeyRing.from_texts(new_key_text),
+        finished_sql=f'SELECT bool_and({under_new_key}) FROM "Integration"',
+        application_name="princeps-db rotate-key",
+    )
+
+
+def alembic_head() -> str:
+    """The newest revision of the migrations."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
