@@ -109,6 +109,11 @@ class FakeGoogle:
         self.stop()
 
     @property
+    def serving(self) -> bool:
+        """Whether the server is running."""
+        return self._server is not None
+
+    @property
     def base_url(self) -> str:
         """``http://127.0.0.1:<port>``."""
         if self._server is None:
