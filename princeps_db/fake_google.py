@@ -79,7 +79,7 @@ class FakeGoogle:
         class Handler(_Handler):
             google = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="fake-google", daemon=True
@@ -107,6 +107,11 @@ class FakeGoogle:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+    @property
+    def serving(self) -> bool:
+        """Whether the server is running."""
+        return self._server is not None
 
     @property
     def base_url(self) -> str:
@@ -254,6 +259,12 @@ def _files() -> dict[str, Any]:
             },
         ]
     }
+
+
+class _Server(ThreadingHTTPServer):
+    # The standard library's backlog of 5 resets connections when dozens of
+    # workers refresh at once; Google's endpoints accept them.
+    request_queue_size = 128
 
 
 class _Handler(BaseHTTPRequestHandler):

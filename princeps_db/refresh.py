@@ -138,7 +138,7 @@ def _locked_row(
     want_refresh = active if force else active & ~fresh
     statement = (
         select(
-            Integration.token_key_id,
+            Integration.token_key_id.label("token_key_id"),
             Integration.status,
             fresh.label("fresh"),
             Integration.refresh_token_encrypted.is_not(None).label("refreshable"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +18,7 @@ from werkzeug import Request
 
 from princeps_db.crypto import KeyRing, TokenKind
 from princeps_db.db import KEYRING_INFO_KEY
+from princeps_db.fake_google import FakeGoogle
 from princeps_db.oauth import GOOGLE_CONFIG_INFO_KEY, GoogleConfig
 from princeps_db.repository import create_user, upsert_integration
 from tests.conftest import TEST_KEYRING
@@ -160,3 +163,47 @@ def unused_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """One request to the fake token endpoint, as the provider saw it."""
+
+    refresh_token: str | None
+    status: int
+    access_token: str | None
+    new_refresh_token: str | None
+    at: float
+
+
+class RecordingGoogle(FakeGoogle):
+    """The loopback Google stand-in, keeping a log of its token endpoint's requests."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.token_log: list[TokenRequest] = []
+        self._log_lock = threading.Lock()
+
+    def _token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        status, body = super()._token(form)
+        request = TokenRequest(
+            refresh_token=form.get("refresh_token"),
+            status=status,
+            access_token=body.get("access_token"),
+            new_refresh_token=body.get("refresh_token"),
+            at=time.monotonic(),
+        )
+        with self._log_lock:
+            self.token_log.append(request)
+        return status, body
+
+    def issued(self) -> dict[str, str]:
+        """Every token the token endpoint handed out, labelled (never the value in a label)."""
+        found: dict[str, str] = {}
+        with self._log_lock:
+            for number, request in enumerate(self.token_log):
+                if request.access_token:
+                    found[f"refreshed access token #{number}"] = request.access_token
+                if request.new_refresh_token:
+                    found[f"rotated refresh token #{number}"] = request.new_refresh_token
+        return found

@@ -31,6 +31,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import sqlalchemy as sa
+from alembic.script import ScriptDirectory
 from pydantic import SecretStr
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,8 +49,12 @@ from princeps_db import (
 from princeps_db.config import Environment, Settings
 from princeps_db.crypto import KeyRing, MasterKey, TokenKind, generate_master_key
 from princeps_db.demo_data import LegacyRow, seed_legacy_rows
+from princeps_db.fake_google import CALENDAR_SCOPE, DRIVE_SCOPE
+from princeps_db.oauth import GOOGLE_CONFIG_INFO_KEY, GoogleConfig
 from princeps_db.pgserver import LocalPostgres
-from tests.support import REPO_ROOT, alembic_run
+from princeps_db.providers import list_drive_files, list_upcoming_events
+from tests.google_support import RecordingGoogle
+from tests.support import REPO_ROOT, alembic_config, alembic_run
 
 Tokens = dict[str, tuple[str, str | None]]
 """Integration id -> (access token, refresh token)."""
@@ -272,6 +277,8 @@ class Lifecycle:
     identities: set[tuple[str, str]] = field(default_factory=set)
     other_key_texts: list[str] = field(default_factory=list)
     expected: dict[tuple[str, str], str] = field(default_factory=dict)
+    google: RecordingGoogle = field(default_factory=RecordingGoogle)
+    """Google on loopback, serving while the lifecycle runs; its client is always configured."""
     _engine: Engine | None = None
 
     @property
@@ -280,13 +287,24 @@ class Lifecycle:
         return KeyRing.from_texts(self.key_text, self.previous_key_texts)
 
     def settings(self, key_text: str | None = None) -> Settings:
-        """Settings as the application would load them for this database."""
+        """Settings as the application would load them for this database (and Google)."""
         previous = ",".join(self.previous_key_texts) or None
+        # Never the real Google: the stand-in, or (once it stopped) a port nothing listens on.
+        base = self.google.base_url if self.google.serving else "http://127.0.0.1:9"
+        endpoints = {
+            "google_oauth_token_url": f"{base}/token",
+            "google_oauth_revoke_url": f"{base}/revoke",
+            "google_calendar_api_url": f"{base}/calendar/v3",
+            "google_drive_api_url": f"{base}/drive/v3",
+        }
         return Settings(
             database_url=SecretStr(self.url),
             integration_token_encryption_key=SecretStr(key_text or self.key_text),
             integration_token_previous_keys=SecretStr(previous) if previous else None,
             princeps_env=Environment.TEST,
+            google_client_id=self.google.client_id,
+            google_client_secret=SecretStr(self.google.client_secret),
+            **endpoints,
         )
 
     @property
@@ -299,23 +317,30 @@ class Lifecycle:
         return self._engine
 
     def sessions(self, keyring: KeyRing | None = None) -> sessionmaker[Session]:
-        """A session factory with this deployment's key ring (or another one)."""
-        return create_session_factory(self.engine, keyring=keyring or self.keyring)
+        """A session factory with this deployment's key ring (or another one) and Google client."""
+        factory = create_session_factory(self.engine, keyring=keyring or self.keyring)
+        factory.kw["info"][GOOGLE_CONFIG_INFO_KEY] = GoogleConfig.from_settings(self.settings())
+        return factory
 
     def env(self, key_text: str | None = None) -> dict[str, str]:
         """Environment of a command run by the operator of this deployment."""
-        extra = {}
+        extra = {
+            "GOOGLE_CLIENT_ID": self.google.client_id,
+            "GOOGLE_CLIENT_SECRET": self.google.client_secret,
+        }
         if self.previous_key_texts:
             extra["INTEGRATION_TOKEN_PREVIOUS_KEYS"] = ",".join(self.previous_key_texts)
         return command_env(self.url, key_text or self.key_text, **extra)
 
-    def run(self, argv: Sequence[str], *, key_text: str | None = None) -> str:
+    def run(
+        self, argv: Sequence[str], *, key_text: str | None = None, exit_codes: Sequence[int] = (0,)
+    ) -> str:
         """Run a command as the operator would; record and return its output; fail loudly."""
         result = run_command(argv, self.env(key_text))
         output = result.stdout + result.stderr
         self.outputs.append(output)
         # The output may legitimately hold nothing secret, so it is safe to show on failure.
-        assert result.returncode == 0, f"{' '.join(argv[1:3])} failed:\n{output}"
+        assert result.returncode in exit_codes, f"{' '.join(argv[1:3])} failed:\n{output}"
         return output
 
     def note(self, *values: object) -> None:
@@ -342,6 +367,7 @@ class Lifecycle:
             found |= {f"other key #{position} {f}": v for f, v in key_forms(text).items()}
         found |= derived_keys_for(self.keyring, sorted(self.identities))
         found |= {f"token {label}": value for label, value in self.tokens.items()}
+        found["Google client secret"] = self.google.client_secret
         return found
 
     def close(self) -> None:
@@ -457,6 +483,79 @@ def step_wrong_key_read(life: Lifecycle) -> None:
         life.note(raised.value)
 
 
+def step_refresh_and_provider_calls(life: Lifecycle) -> None:
+    """Tokens from Google's consent expire; reads refresh them; Calendar and Drive are called.
+
+    Covers the refresh inside ``get_valid_token`` (with refresh-token rotation)
+    and the forced refresh after an API answers 401 despite a fresh-looking token.
+    """
+    google = life.google
+    user_id = "google-user"
+    scopes = {"google_calendar": CALENDAR_SCOPE, "google_drive": DRIVE_SCOPE}
+    with life.sessions()() as session:
+        create_user(session, user_id=user_id, email=f"{user_id}@example.com")
+        for provider, scope in scopes.items():
+            grant = google.consent(scope=scope)
+            upsert_integration(
+                session,
+                user_id=user_id,
+                provider=provider,
+                access_token=grant.access_token,
+                refresh_token=grant.refresh_token,
+                expires_at=datetime.now(UTC) - timedelta(minutes=5),
+                scope=grant.scope,
+            )
+            life.remember(
+                f"consented {provider}",
+                user_id=user_id,
+                provider=provider,
+                access=grant.access_token,
+                refresh=grant.refresh_token,
+            )
+        session.commit()
+        google.expire_access_tokens()
+        # Expired: the read refreshes (the provider rotates the refresh token).
+        refreshed = get_valid_token(session, user_id=user_id, provider="google_calendar")
+        events = list_upcoming_events(session, user_id=user_id)
+        # The Drive token is expired too: the provider call refreshes it first.
+        files = list_drive_files(session, user_id=user_id)
+        # Revoked early at the provider: the call gets a 401, refreshes by force, retries.
+        google.expire_access_tokens()
+        again = list_upcoming_events(session, user_id=user_id)
+        life.note(events, files, again)
+        session.commit()
+        latest = {p: get_valid_token(session, user_id=user_id, provider=p) for p in scopes}
+    assert [request.status for request in google.token_log] == [200, 200, 200]
+    assert events and files and again
+    assert refreshed == google.token_log[0].access_token
+    for label, value in google.issued().items():
+        life.tokens[label] = value
+    for provider, access in latest.items():
+        assert access in google.issued().values()
+        life.expected[(user_id, provider)] = access
+
+
+def step_rotate_key(life: Lifecycle) -> None:
+    """A new master key is deployed (the old one kept as previous) and every row rotated."""
+    life.previous_key_texts = (life.key_text, *life.previous_key_texts)
+    life.key_text = generate_master_key()
+    output = life.run(princeps_db_argv("rotate-key", "--batch-size", str(life.batch_size)))
+    assert "failed (left untouched): 0" in output
+    assert "rotated: 0" not in output
+
+
+def step_verify(life: Lifecycle) -> None:
+    """``princeps-db verify``: every row decrypts under its key, as text and as JSON."""
+    assert "OK: every row decrypts" in life.run(princeps_db_argv("verify"))
+    life.run(princeps_db_argv("verify", "--json"))
+
+
+def step_audit(life: Lifecycle) -> None:
+    """``princeps-db audit``: findings (exit 1) are expected on a server logging everything."""
+    life.run(princeps_db_argv("audit"), exit_codes=(0, 1))
+    life.run(princeps_db_argv("audit", "--json"), exit_codes=(0, 1))
+
+
 def step_downgrade_and_up(life: Lifecycle) -> None:
     """Back to the plaintext baseline (decrypting every row) and up to head again."""
     life.close()  # the downgrade drops columns: no idle application connection in the way
@@ -477,20 +576,26 @@ LIFECYCLE: list[Step] = [
     Step("upserts", step_upserts),
     Step("reads, list, delete", step_reads),
     Step("wrong-key read", step_wrong_key_read),
+    Step("refresh and provider calls", step_refresh_and_provider_calls),
+    Step("rotate-key", step_rotate_key),
+    Step("verify", step_verify),
+    Step("audit", step_audit),
     Step("downgrade to baseline and up", step_downgrade_and_up),
     Step("every token still decrypts", step_everything_decrypts),
 ]
-"""Append a Step (refresh, rotate-key, verify, audit) and every leak test runs it."""
+"""Append a Step and every leak test runs it."""
 
 
 def run_lifecycle(life: Lifecycle, steps: Sequence[Step] = ()) -> list[str]:
     """Run every step in order; return the step names run."""
     chosen = list(steps) or LIFECYCLE
+    life.google.start()
     try:
         for step in chosen:
             step.run(life)
     finally:
         life.close()
+        life.google.stop()
     return [step.name for step in chosen]
 
 
@@ -504,7 +609,9 @@ class FaultScenario:
 
     ``build`` fills a fresh database (given its URL) and returns the tokens every
     row must decrypt to under ``keyring_after`` once ``argv`` has completed.
-    ``progress_sql`` counts rows already processed (``total`` when done).
+    ``progress_sql`` counts rows already processed (``total`` when done);
+    ``finished_sql`` tells whether the command completed (a run killed early
+    must leave it false, or the interruption proved nothing).
     """
 
     name: str
@@ -514,6 +621,8 @@ class FaultScenario:
     progress_sql: str
     total: int
     keyring_after: KeyRing
+    finished_sql: str
+    """A query that is true once the command has done all its work."""
     application_name: str = "princeps-db-migrate"
 
     def kill_points(self, how_many: int) -> list[int]:
@@ -619,4 +728,50 @@ def backfill_scenario(*, rows: int, batch_size: int, key_text: str) -> FaultScen
         ),
         total=rows,
         keyring_after=KeyRing.from_texts(key_text),
+        finished_sql=(
+            f"SELECT coalesce(max(version_num), '') = '{alembic_head()}' FROM alembic_version"
+        ),
     )
+
+
+def rotation_scenario(
+    *, rows: int, batch_size: int, old_key_text: str, new_key_text: str
+) -> FaultScenario:
+    """``princeps-db rotate-key`` over ``rows`` integrations under ``old_key_text``.
+
+    The starting database is the backfill's result: legacy rows encrypted under
+    the old key by the real migrations. The command runs with the new key
+    current and the old one in ``INTEGRATION_TOKEN_PREVIOUS_KEYS``, as a deploy
+    would; afterwards every row must decrypt under the new key alone.
+    """
+    new_key_id = MasterKey.from_text(new_key_text).key_id
+
+    def build(url: str) -> Tokens:
+        keyring = KeyRing.from_texts(old_key_text)
+        alembic_run(url, "upgrade", "0001_baseline", keyring=keyring)
+        seed_legacy_rows(url, rows)
+        expected = plaintext_rows(url)
+        alembic_run(url, "upgrade", "head", keyring=keyring)
+        return expected
+
+    under_new_key = f"\"tokenKeyId\" = '{new_key_id}'"
+    return FaultScenario(
+        name="rotation (princeps-db rotate-key)",
+        build=build,
+        argv=princeps_db_argv("rotate-key", "--batch-size", str(batch_size)),
+        env=lambda url: command_env(
+            url, new_key_text, INTEGRATION_TOKEN_PREVIOUS_KEYS=old_key_text
+        ),
+        progress_sql=f'SELECT count(*) FROM "Integration" WHERE {under_new_key}',
+        total=rows,
+        keyring_after=KeyRing.from_texts(new_key_text),
+        finished_sql=f'SELECT bool_and({under_new_key}) FROM "Integration"',
+        application_name="princeps-db rotate-key",
+    )
+
+
+def alembic_head() -> str:
+    """The newest revision of the migrations."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head

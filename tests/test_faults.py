@@ -1,4 +1,4 @@
-"""Interrupted migrations lose nothing: SIGKILL, a terminated backend, a crashed server.
+"""Interrupted migrations and key rotations lose nothing: SIGKILL, a killed backend, a crash.
 
 Each scenario in ``FAULT_SCENARIOS`` is a resumable command. It is killed at
 ``KILL_POINTS`` progress thresholds spread over its run, each time on a fresh
@@ -13,31 +13,37 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from alembic.script import ScriptDirectory
 
+from princeps_db.crypto import generate_master_key
 from princeps_db.pgserver import LocalPostgres
 from tests.conftest import TEST_KEY
 from tests.security_support import (
     FaultScenario,
     Tokens,
+    alembic_head,
     backfill_scenario,
     count,
     create_database,
     decrypt_all_at_once,
     drop_database,
     rerun_to_completion,
+    rotation_scenario,
     sigkill,
     started,
     terminate_backend,
     wait_for_progress,
 )
-from tests.support import alembic_config
 
 KILL_POINTS = 12
-FAULT_SCENARIOS = [backfill_scenario(rows=2000, batch_size=20, key_text=TEST_KEY)]
-"""Add a rotate-key scenario here and it is killed at the same points."""
+FAULT_SCENARIOS = [
+    backfill_scenario(rows=2000, batch_size=20, key_text=TEST_KEY),
+    rotation_scenario(
+        rows=2000, batch_size=20, old_key_text=TEST_KEY, new_key_text=generate_master_key()
+    ),
+]
+"""Every scenario is killed at the same points; a new resumable command joins with one entry."""
 
-HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
+HEAD = alembic_head()
 
 
 def _version(url: str) -> str:
@@ -64,9 +70,19 @@ def templates(local_postgres: LocalPostgres) -> Iterator[dict[str, Tokens]]:
         drop_database(local_postgres, name)
 
 
+def _finished(scenario: FaultScenario, url: str) -> bool:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return bool(connection.execute(sa.text(scenario.finished_sql)).scalar_one())
+    finally:
+        engine.dispose()
+
+
 def _assert_nothing_lost(scenario: FaultScenario, url: str, expected: Tokens) -> None:
     result = rerun_to_completion(scenario, url)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert _finished(scenario, url)
     assert _version(url) == HEAD
     assert count(url, 'SELECT count(*) FROM "Integration"') == len(expected)
     assert decrypt_all_at_once(url, scenario.keyring_after) == expected
@@ -98,7 +114,7 @@ def test_sigkill_at_any_point_then_rerun_loses_nothing(
         reached = wait_for_progress(scenario, url, process, threshold)
         sigkill(process)
     assert reached >= threshold
-    assert _version(url) != HEAD, "the command finished before it was killed"
+    assert not _finished(scenario, url), "the command finished before it was killed"
     _assert_nothing_lost(scenario, url, templates[template])
 
 
@@ -128,7 +144,7 @@ def test_a_backend_terminated_mid_batch_then_rerun_loses_nothing(
         wait_for_progress(scenario, url, process, scenario.total // 2)
         assert terminate_backend(local_postgres, scenario.application_name) >= 1
         assert process.wait(timeout=60) != 0
-    assert _version(url) != HEAD
+    assert not _finished(scenario, url)
     _assert_nothing_lost(scenario, url, templates[template])
 
 
@@ -142,5 +158,5 @@ def test_the_server_crashing_mid_run_then_rerun_loses_nothing(scenario: FaultSce
             wait_for_progress(scenario, url, process, scenario.total // 3)
             server.restart(mode="immediate")
             assert process.wait(timeout=60) != 0
-        assert _version(url) != HEAD
+        assert not _finished(scenario, url)
         _assert_nothing_lost(scenario, url, expected)

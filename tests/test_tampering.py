@@ -7,11 +7,15 @@ write itself fails with ``IntegrityError``; what they cannot tell (a valid
 message under the wrong key, moved from another place, bit-flipped inside
 the encrypted data) makes ``get_valid_token`` raise ``TokenDecryptionError``.
 Either way the row is left as it was.
+
+The refresh-token column gets the same read cases: an expired access token
+makes the read decrypt the refresh token to send it to Google, and a
+tampered one must raise ``TokenDecryptionError`` with nothing sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -28,9 +32,13 @@ from princeps_db import (
     upsert_integration,
 )
 from princeps_db.crypto import PGP_OPTIONS, MasterKey, TokenKind, generate_master_key
+from princeps_db.oauth import GOOGLE_CONFIG_INFO_KEY
+from princeps_db.refresh import refresh_access_token
 from tests.conftest import TEST_KEYRING
+from tests.google_support import RecordingGoogle
 
 TOKEN = "ya29.tamper-target-token"
+REFRESH_TOKEN = "1//u1-google_calendar"
 TARGET = ("u1", "google_calendar")
 WHERE_TARGET = "\"userId\" = 'u1' AND provider = 'google_calendar'"
 Outcome = Literal["refused by CHECK", "refused on read"]
@@ -224,7 +232,7 @@ def _connect(session: Session) -> None:
             user_id=user_id,
             provider=provider,
             access_token=token,
-            refresh_token=f"1//{user_id}-{provider}",
+            refresh_token=f"1//{user_id}-{provider}",  # the target's is REFRESH_TOKEN
             expires_at=expiry,
         )
     session.commit()
@@ -338,3 +346,105 @@ def test_every_single_bit_flip_of_a_stored_message_is_refused(
     assert outcomes["refused on read"] > outcomes["refused by CHECK"] > 0
     assert get_valid_token(session, user_id=TARGET[0], provider=TARGET[1]) == TOKEN
     print(f"bit flips: {len(original)} bytes x 2 masks -> {outcomes}")
+
+
+# The refresh-token column is read only to refresh: an expired access token makes
+# ``get_valid_token`` (and a forced ``refresh_access_token``) decrypt it and send it
+# to the provider. Tampered, it must be refused before anything is sent.
+REFRESH_READ_CASES = [
+    Case("flipped salt byte", "refused on read", value=lambda s: _flip(s.refresh, 6)),
+    Case(
+        "flipped first encrypted byte",
+        "refused on read",
+        value=lambda s: _flip(s.refresh, _data_packet(s.refresh) + 2),
+    ),
+    Case(
+        "flipped byte mid-payload",
+        "refused on read",
+        value=lambda s: _flip(s.refresh, len(s.refresh) // 2 + 4),
+    ),
+    Case("flipped last byte (MDC)", "refused on read", value=lambda s: _flip(s.refresh, -1, 0x80)),
+    Case("truncated by one byte", "refused on read", value=lambda s: s.refresh[:-1]),
+    Case("MDC packet cut off", "refused on read", value=lambda s: s.refresh[:-22]),
+    Case(
+        "swapped with another user's row",
+        "refused on read",
+        sql=_from("refreshTokenEncrypted", "\"userId\" = 'u2' AND provider = 'google_calendar'"),
+    ),
+    Case(
+        "swapped with the user's other provider",
+        "refused on read",
+        sql=_from("refreshTokenEncrypted", "\"userId\" = 'u1' AND provider = 'google_drive'"),
+    ),
+    Case(
+        "swapped with the row's access token",
+        "refused on read",
+        sql=_from("accessTokenEncrypted", WHERE_TARGET),
+    ),
+    Case(
+        "encrypted with a different master key",
+        "refused on read",
+        value=lambda s: s.encrypt(
+            REFRESH_TOKEN,
+            MasterKey.from_text(generate_master_key()).derive_token_key(
+                user_id=TARGET[0], provider=TARGET[1], kind=TokenKind.REFRESH
+            ),
+            PGP_OPTIONS,
+        ),
+    ),
+    Case(
+        "encrypted with the master key itself",
+        "refused on read",
+        value=lambda s: s.encrypt(REFRESH_TOKEN, TEST_KEYRING.current.secret.hex(), PGP_OPTIONS),
+    ),
+    Case(
+        "encrypted with the access token's derived key",
+        "refused on read",
+        value=lambda s: s.encrypt(REFRESH_TOKEN, target_key(TokenKind.ACCESS), PGP_OPTIONS),
+    ),
+    Case("row labelled with an unknown key id", "refused on read", key_id="0123456789abcdef"),
+]
+
+REFRESH_READERS = {
+    "get_valid_token (expired)": lambda session: get_valid_token(
+        session, user_id=TARGET[0], provider=TARGET[1]
+    ),
+    "refresh_access_token (forced)": lambda session: refresh_access_token(
+        session, user_id=TARGET[0], provider=TARGET[1]
+    ),
+}
+
+
+@pytest.fixture
+def google() -> Iterator[RecordingGoogle]:
+    """Google on loopback, counting token requests."""
+    with RecordingGoogle() as fake:
+        yield fake
+
+
+@pytest.mark.parametrize("case", REFRESH_READ_CASES, ids=[c.name for c in REFRESH_READ_CASES])
+def test_tampered_refresh_token_is_refused_before_anything_is_sent(
+    session: Session, raw: sa.Connection, google: RecordingGoogle, case: Case
+) -> None:
+    _connect(session)
+    session.info[GOOGLE_CONFIG_INFO_KEY] = google.config()
+    # The access token has expired: the next read needs the refresh token.
+    raw.execute(
+        sa.text(
+            f'UPDATE "Integration" SET "expiresAt" = now() - interval \'5 minutes\' '
+            f"WHERE {WHERE_TARGET}"
+        )
+    )
+    _tamper(raw, case, "refreshTokenEncrypted")
+    raw.commit()
+    tampered = _rows(raw)
+
+    for read in REFRESH_READERS.values():
+        with pytest.raises(TokenDecryptionError) as raised:
+            read(session)
+        assert REFRESH_TOKEN not in str(raised.value) and TOKEN not in str(raised.value)
+        session.rollback()
+    assert google.token_requests == 0, "a refresh token that does not decrypt was sent"
+    assert google.token_log == []
+    assert _rows(raw) == tampered, "a failed read must not change anything"
+    assert get_valid_token(session, user_id="u2", provider="google_calendar") == "ya29.u2-calendar"
