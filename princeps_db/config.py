@@ -134,8 +134,12 @@ def _development_key(path: Path) -> SecretStr:
     return SecretStr(path.read_text().strip())
 
 
-def load_settings() -> Settings:
-    """Read settings now; every problem becomes one ``ConfigurationError`` without secrets."""
+def load_settings(*, require_key: bool = True) -> Settings:
+    """Read settings now; every problem becomes one ``ConfigurationError`` without secrets.
+
+    ``require_key=False`` is for tools that read no token (the audit): the key
+    settings are then neither required, nor parsed, nor created in development.
+    """
     try:
         settings = Settings()
     except ValidationError as error:
@@ -145,6 +149,8 @@ def load_settings() -> Settings:
             for e in error.errors(include_input=False, include_url=False)
         )
         raise ConfigurationError(f"invalid configuration: {problems}") from None
+    if not require_key:
+        return settings
     if (
         settings.integration_token_encryption_key is None
         and settings.princeps_env is Environment.DEVELOPMENT

@@ -6,27 +6,11 @@ import json
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
 from princeps_db.audit import AuditError, Status, audit_report, print_audit, run_audit, worst_status
 from princeps_db.cli.app import app, fail, friendly_errors, out_console
-from princeps_db.config import Settings
+from princeps_db.config import load_settings
 from princeps_db.db import create_engine
-from princeps_db.errors import ConfigurationError
-
-
-def _settings_without_keys() -> Settings:
-    # Auditing reads no token, so it needs DATABASE_URL only: no key, and no
-    # development key file created on the auditor's machine.
-    try:
-        return Settings()
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']).upper() or 'settings'}: "
-            f"{e['msg'].removeprefix('Value error, ')}"
-            for e in error.errors(include_input=False, include_url=False)
-        )
-        raise ConfigurationError(f"invalid configuration: {problems}") from None
 
 
 @app.command()
@@ -59,7 +43,8 @@ def audit(
         princeps-db audit --json | jq '.results[] | select(.status != "PASS")'
     """
     with friendly_errors():
-        settings = _settings_without_keys()
+        # Auditing reads no token: DATABASE_URL only, no key, no development key file.
+        settings = load_settings(require_key=False)
         engine = create_engine(settings, application_name="princeps-db audit")
         try:
             results = run_audit(engine, allowed_roles=allow_role or ())
