@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any, Literal, NoReturn, Unpack
+from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Select, Text, bindparam, case, delete, func, select
@@ -251,7 +251,7 @@ def _kept_refresh_token_params(previous: int) -> ColumnElement[bytes]:
 
 
 @lru_cache(maxsize=16)
-def _upsert_statement(kept_previous: int | None) -> ReturningInsert[Unpack[tuple[Any, ...]]]:
+def _upsert_statement(kept_previous: int | None) -> ReturningInsert[*tuple[Any, ...]]:
     """``upsert_integration``'s statement.
 
     ``kept_previous`` is None when the call brings a refresh token, else the
@@ -276,7 +276,7 @@ def _upsert_statement(kept_previous: int | None) -> ReturningInsert[Unpack[tuple
         if kept_previous is None
         else _kept_refresh_token_params(kept_previous)
     )
-    return statement.on_conflict_do_update(
+    upsert = statement.on_conflict_do_update(
         index_elements=[Integration.user_id, Integration.provider],
         set_={
             # Order matters: the refresh expression reads the row's old key id.
@@ -290,6 +290,9 @@ def _upsert_statement(kept_previous: int | None) -> ReturningInsert[Unpack[tuple
             Integration.updated_at: func.now(),
         },
     ).returning(*_INFO_COLUMNS)
+    # With its values in bind parameters, an ORM insert would otherwise take the
+    # parameters for a bulk insert: "orm" runs the statement as written.
+    return upsert.execution_options(dml_strategy="orm")
 
 
 def create_user(session: Session, *, email: str, user_id: str | None = None) -> str:
