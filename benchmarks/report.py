@@ -47,7 +47,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     add("backfill rows/s vs floor", ">= 0.50", backfill, backfill >= 0.5)
     rotation = results["rotation"]
     if rotation.get("status") == "measured":
-        value = rotation["ratio_to_floor_end_to_end"]["median"]
+        value = rotation["ratio_to_floor"]["median"]
         add("rotation rows/s vs floor", ">= 0.50", value, value >= 0.5)
     advantage = results["options"]["decrypt_advantage_vs_defaults"]["median"]
     add("our decrypt vs pgcrypto defaults", ">= 10x cheaper", advantage, advantage >= 10)
@@ -132,9 +132,11 @@ def print_report(results: dict[str, Any], console: Console) -> None:
     table.add_section()
     if rotation.get("status") == "measured":
         table.add_row(f"[bold]rotation[/] ({rotation['rows']:,} rows)", "", "", "", "")
+        _row(table, "  rotate_keys (the work itself)", rotation["rotation_rows_per_s"], "rows/s")
         _row(table, "  rotate-key end to end", rotation["rotation_end_to_end_rows_per_s"], "rows/s")
         _row(table, "  floor: one set-based UPDATE", rotation["floor_rows_per_s"], "rows/s")
-        _row(table, "  ratio to floor", rotation["ratio_to_floor_end_to_end"], "x")
+        _row(table, "  ratio to floor", rotation["ratio_to_floor"], "x")
+        _row(table, "  ratio to floor, end to end", rotation["ratio_to_floor_end_to_end"], "x")
     else:
         table.add_row(
             f"[bold]rotation[/]: {rotation['status']}: {rotation['reason']}", "", "", "", ""
@@ -178,6 +180,13 @@ def print_report(results: dict[str, Any], console: Console) -> None:
         scale["large"]["contract_s"],
         "s",
     )
+    if "vacuum_full_s" in scale["large"]:
+        _row(
+            table,
+            f"  VACUUM FULL of {scale['large']['rows']:,} rows after the contract",
+            scale["large"]["vacuum_full_s"],
+            "s",
+        )
     console.print(table)
 
     verdicts = Table(title="targets", title_justify="left")

@@ -2,9 +2,11 @@
 
 The plaintext functions below mirror ``get_valid_token`` and
 ``upsert_integration`` statement for statement (same validation, same
-SQLAlchemy constructs on an ORM-mapped class, same columns returned) on
+SQLAlchemy constructs on an ORM-mapped class, built once and reused with
+every value a bind parameter, same columns returned) on
 ``"IntegrationPlain"``, so the ratio isolates what encryption adds: deriving
-the key in Python, the extra SQL expressions, and pgcrypto on the server.
+the keys in Python, binding them, the extra SQL expressions, and pgcrypto on
+the server.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -80,26 +83,67 @@ _PLAIN_INFO = (
 )
 
 
-def plaintext_get_token(session: Session, *, user_id: str, provider: str) -> str:
-    """``get_valid_token``'s statement on the plaintext copy, without the decrypt."""
-    user, prov = _check_identity(user_id, provider)
+def _text_param(name: str) -> Any:
+    return sa.bindparam(name, type_=Text)
+
+
+@lru_cache(maxsize=1)
+def _plaintext_read_statement() -> Any:
+    """``get_valid_token``'s statement on the plaintext copy, built once like the real one."""
     plain = IntegrationPlain
     fresh = plain.expires_at.is_(None) | (
         plain.expires_at > func.statement_timestamp() + EXPIRY_SKEW
     )
     active = plain.status == "active"
-    statement = select(
+    return select(
         plain.token_key_id,
         plain.status,
         fresh.label("fresh"),
         plain.refresh_token.is_not(None).label("refreshable"),
         case((fresh & active, plain.access_token)).label("token"),
-    ).where(plain.user_id == user, plain.provider == prov)
-    row = session.execute(statement).one_or_none()
+    ).where(plain.user_id == _text_param("b_user_id"), plain.provider == _text_param("b_provider"))
+
+
+def plaintext_get_token(session: Session, *, user_id: str, provider: str) -> str:
+    """``get_valid_token``'s statement on the plaintext copy, without the decrypt."""
+    user, prov = _check_identity(user_id, provider)
+    row = session.execute(
+        _plaintext_read_statement(), {"b_user_id": user, "b_provider": prov}
+    ).one_or_none()
     if row is None or not row.fresh or row.status != "active":
         raise TokenExpiredError("missing or expired")
     token: str = row.token
     return token
+
+
+@lru_cache(maxsize=2)
+def _plaintext_upsert_statement(keep_refresh: bool) -> Any:
+    """``upsert_integration``'s statement on the plaintext copy, built once like the real one."""
+    plain = IntegrationPlain
+    statement = insert(plain).values(
+        id=_text_param("b_id"),
+        user_id=_text_param("b_user_id"),
+        provider=_text_param("b_provider"),
+        access_token=_text_param("b_access_token"),
+        refresh_token=_text_param("b_refresh_token"),
+        token_key_id=_text_param("b_key_id"),
+        expires_at=sa.bindparam("b_expires_at", type_=TIMESTAMP(timezone=True)),
+        scope=_text_param("b_scope"),
+    )
+    new_refresh = plain.refresh_token if keep_refresh else statement.excluded.refreshToken
+    upsert = statement.on_conflict_do_update(
+        index_elements=[plain.user_id, plain.provider],
+        set_={
+            plain.refresh_token: new_refresh,
+            plain.access_token: statement.excluded.accessToken,
+            plain.token_key_id: statement.excluded.tokenKeyId,
+            plain.expires_at: statement.excluded.expiresAt,
+            plain.scope: statement.excluded.scope,
+            plain.status: "active",
+            plain.updated_at: func.now(),
+        },
+    ).returning(*_PLAIN_INFO)
+    return upsert.execution_options(dml_strategy="orm")
 
 
 def plaintext_upsert(
@@ -118,31 +162,17 @@ def plaintext_upsert(
     refresh = _check_text("refresh_token", refresh_token, max_chars=MAX_TOKEN_CHARS, optional=True)
     expiry = _check_expiry(expires_at)
     checked_scope = _check_text("scope", scope, max_chars=MAX_TEXT_CHARS, optional=True)
-    plain = IntegrationPlain
-    statement = insert(plain).values(
-        id=str(uuid.uuid4()),
-        user_id=user,
-        provider=prov,
-        access_token=access,
-        refresh_token=refresh,
-        token_key_id=PLAINTEXT_KEY_ID,
-        expires_at=expiry,
-        scope=checked_scope,
-    )
-    new_refresh = statement.excluded.refreshToken if refresh is not None else plain.refresh_token
-    upsert = statement.on_conflict_do_update(
-        index_elements=[plain.user_id, plain.provider],
-        set_={
-            plain.refresh_token: new_refresh,
-            plain.access_token: statement.excluded.accessToken,
-            plain.token_key_id: statement.excluded.tokenKeyId,
-            plain.expires_at: statement.excluded.expiresAt,
-            plain.scope: statement.excluded.scope,
-            plain.updated_at: func.now(),
-            plain.status: "active",
-        },
-    ).returning(*_PLAIN_INFO)
-    row = session.execute(upsert).one()
+    params = {
+        "b_id": str(uuid.uuid4()),
+        "b_user_id": user,
+        "b_provider": prov,
+        "b_access_token": access,
+        "b_refresh_token": refresh,
+        "b_key_id": PLAINTEXT_KEY_ID,
+        "b_expires_at": expiry,
+        "b_scope": checked_scope,
+    }
+    row = session.execute(_plaintext_upsert_statement(refresh is None), params).one()
     return IntegrationInfo(
         id=row.id,
         user_id=row.user_id,

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import case, delete, func, select
+from sqlalchemy import Select, Text, bindparam, case, delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.dml import ReturningInsert
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from princeps_db.crypto import KeyRing, MasterKey, TokenKind, decrypt_sql, encrypt_sql
 from princeps_db.db import session_keyring
@@ -176,6 +178,123 @@ def _kept_refresh_token(keyring: KeyRing, *, user_id: str, provider: str) -> Col
     )
 
 
+# The read and upsert statements are built once per key-ring shape (how many
+# keys), with every value a bind parameter, and reused: each call only derives
+# its keys and binds values. SQLAlchemy memoizes a statement's cache key on the
+# statement object, so reusing it also skips recomputing the key and finds the
+# compiled SQL in the engine's cache. Key ids, derived keys, tokens, user and
+# provider are all bind parameters; the SQL text never holds a value.
+
+
+def _text_param(name: str) -> BindParameter[str]:
+    return bindparam(name, type_=Text)
+
+
+def _key_by_key_id_params(keys: int, kind: str) -> ColumnElement[str]:
+    """``derived_key_by_key_id`` over ``keys`` keys, with key ids and derived keys as parameters."""
+    return case(
+        *(
+            (
+                Integration.token_key_id == _text_param(f"b_key_id_{number}"),
+                _text_param(f"b_{kind}_key_{number}"),
+            )
+            for number in range(keys)
+        ),
+        else_=None,
+    )
+
+
+@lru_cache(maxsize=16)
+def _read_statement(keys: int) -> Select[Any]:
+    """``get_valid_token``'s one query, for a key ring of ``keys`` keys (current first)."""
+    fresh = Integration.expires_at.is_(None) | (
+        Integration.expires_at > func.statement_timestamp() + EXPIRY_SKEW
+    )
+    active = Integration.status == "active"
+    derived_key = _key_by_key_id_params(keys, "access")
+    return select(
+        Integration.token_key_id,
+        Integration.status,
+        fresh.label("fresh"),
+        Integration.refresh_token_encrypted.is_not(None).label("refreshable"),
+        # Decrypt only what will be returned: an expired token never leaves the server.
+        case((fresh & active, decrypt_sql(Integration.access_token_encrypted, derived_key))).label(
+            "token"
+        ),
+    ).where(
+        Integration.user_id == _text_param("b_user_id"),
+        Integration.provider == _text_param("b_provider"),
+    )
+
+
+def _kept_refresh_token_params(previous: int) -> ColumnElement[bytes]:
+    """``_kept_refresh_token`` for ``previous`` previous keys, every value a parameter."""
+    current_key = _text_param("b_refresh_key")
+    stored = Integration.refresh_token_encrypted
+    reencrypt = [
+        (
+            Integration.token_key_id == _text_param(f"b_old_key_id_{number}"),
+            encrypt_sql(
+                decrypt_sql(stored, _text_param(f"b_old_refresh_key_{number}")), current_key
+            ),
+        )
+        for number in range(previous)
+    ]
+    return case(
+        (stored.is_(None), None),
+        (Integration.token_key_id == _text_param("b_key_id"), stored),
+        *reencrypt,
+        # An unknown key id: decrypting under the current key fails loudly instead
+        # of silently dropping the refresh token.
+        else_=encrypt_sql(decrypt_sql(stored, current_key), current_key),
+    )
+
+
+@lru_cache(maxsize=16)
+def _upsert_statement(kept_previous: int | None) -> ReturningInsert[*tuple[Any, ...]]:
+    """``upsert_integration``'s statement.
+
+    ``kept_previous`` is None when the call brings a refresh token, else the
+    number of previous keys the kept refresh token may be stored under.
+    """
+    statement = insert(Integration).values(
+        id=_text_param("b_id"),
+        user_id=_text_param("b_user_id"),
+        provider=_text_param("b_provider"),
+        access_token_encrypted=encrypt_sql(
+            _text_param("b_access_token"), _text_param("b_access_key")
+        ),
+        refresh_token_encrypted=encrypt_sql(
+            _text_param("b_refresh_token"), _text_param("b_refresh_key")
+        ),
+        token_key_id=_text_param("b_key_id"),
+        expires_at=bindparam("b_expires_at", type_=Integration.expires_at.type),
+        scope=_text_param("b_scope"),
+    )
+    new_refresh = (
+        statement.excluded.refreshTokenEncrypted
+        if kept_previous is None
+        else _kept_refresh_token_params(kept_previous)
+    )
+    upsert = statement.on_conflict_do_update(
+        index_elements=[Integration.user_id, Integration.provider],
+        set_={
+            # Order matters: the refresh expression reads the row's old key id.
+            Integration.refresh_token_encrypted: new_refresh,
+            Integration.access_token_encrypted: statement.excluded.accessTokenEncrypted,
+            Integration.token_key_id: statement.excluded.tokenKeyId,
+            Integration.expires_at: statement.excluded.expiresAt,
+            Integration.scope: statement.excluded.scope,
+            # New tokens from the user reconnecting end a reauthorisation state.
+            Integration.status: "active",
+            Integration.updated_at: func.now(),
+        },
+    ).returning(*_INFO_COLUMNS)
+    # With its values in bind parameters, an ORM insert would otherwise take the
+    # parameters for a bulk insert: "orm" runs the statement as written.
+    return upsert.execution_options(dml_strategy="orm")
+
+
 def create_user(session: Session, *, email: str, user_id: str | None = None) -> str:
     """Insert a user and return its id."""
     checked_email = _check_text("email", email, max_chars=MAX_TEXT_CHARS)
@@ -208,41 +327,29 @@ def upsert_integration(
     checked_scope = _check_text("scope", scope, max_chars=MAX_TEXT_CHARS, optional=True)
     keyring = session_keyring(session)
     key: MasterKey = keyring.current
-
-    def derived(kind: TokenKind) -> str:
-        return key.derive_token_key(user_id=user, provider=prov, kind=kind)
-
-    statement = insert(Integration).values(
-        id=str(uuid.uuid4()),
-        user_id=user,
-        provider=prov,
-        access_token_encrypted=encrypt_sql(access, derived(TokenKind.ACCESS)),
-        refresh_token_encrypted=encrypt_sql(refresh, derived(TokenKind.REFRESH)),
-        token_key_id=key.key_id,
-        expires_at=expiry,
-        scope=checked_scope,
-    )
-    new_refresh = (
-        statement.excluded.refreshTokenEncrypted
-        if refresh is not None
-        else _kept_refresh_token(keyring, user_id=user, provider=prov)
-    )
-    upsert = statement.on_conflict_do_update(
-        index_elements=[Integration.user_id, Integration.provider],
-        set_={
-            # Order matters: the refresh expression reads the row's old key id.
-            Integration.refresh_token_encrypted: new_refresh,
-            Integration.access_token_encrypted: statement.excluded.accessTokenEncrypted,
-            Integration.token_key_id: statement.excluded.tokenKeyId,
-            Integration.expires_at: statement.excluded.expiresAt,
-            Integration.scope: statement.excluded.scope,
-            # New tokens from the user reconnecting end a reauthorisation state.
-            Integration.status: "active",
-            Integration.updated_at: func.now(),
-        },
-    ).returning(*_INFO_COLUMNS)
+    params: dict[str, Any] = {
+        "b_id": str(uuid.uuid4()),
+        "b_user_id": user,
+        "b_provider": prov,
+        "b_access_token": access,
+        "b_access_key": key.derive_token_key(user_id=user, provider=prov, kind=TokenKind.ACCESS),
+        "b_refresh_token": refresh,
+        "b_refresh_key": key.derive_token_key(user_id=user, provider=prov, kind=TokenKind.REFRESH),
+        "b_key_id": key.key_id,
+        "b_expires_at": expiry,
+        "b_scope": checked_scope,
+    }
+    if refresh is None:
+        upsert = _upsert_statement(len(keyring.previous))
+        for number, old in enumerate(keyring.previous):
+            params[f"b_old_key_id_{number}"] = old.key_id
+            params[f"b_old_refresh_key_{number}"] = old.derive_token_key(
+                user_id=user, provider=prov, kind=TokenKind.REFRESH
+            )
+    else:
+        upsert = _upsert_statement(None)
     try:
-        row = session.execute(upsert).one()
+        row = session.execute(upsert, params).one()
     except IntegrityError as error:
         if getattr(error.orig, "sqlstate", None) == "23503":
             raise UserNotFoundError(f"no user with id {user!r}; create the user first") from None
@@ -266,25 +373,15 @@ def get_valid_token(session: Session, *, user_id: str, provider: str) -> str:
     """
     user, prov = _check_identity(user_id, provider)
     keyring = session_keyring(session)
-    derived_key = derived_key_by_key_id(
-        keyring, Integration.token_key_id, user_id=user, provider=prov, kind=TokenKind.ACCESS
-    )
-    fresh = Integration.expires_at.is_(None) | (
-        Integration.expires_at > func.statement_timestamp() + EXPIRY_SKEW
-    )
-    active = Integration.status == "active"
-    statement = select(
-        Integration.token_key_id,
-        Integration.status,
-        fresh.label("fresh"),
-        Integration.refresh_token_encrypted.is_not(None).label("refreshable"),
-        # Decrypt only what will be returned: an expired token never leaves the server.
-        case((fresh & active, decrypt_sql(Integration.access_token_encrypted, derived_key))).label(
-            "token"
-        ),
-    ).where(Integration.user_id == user, Integration.provider == prov)
+    params: dict[str, Any] = {"b_user_id": user, "b_provider": prov}
+    for number, key in enumerate(keyring.keys):
+        params[f"b_key_id_{number}"] = key.key_id
+        params[f"b_access_key_{number}"] = key.derive_token_key(
+            user_id=user, provider=prov, kind=TokenKind.ACCESS
+        )
+    statement = _read_statement(len(keyring.keys))
     try:
-        row = session.execute(statement).one_or_none()
+        row = session.execute(statement, params).one_or_none()
     except DBAPIError as error:
         _raise_decryption_error(error, user_id=user, provider=prov)
     if row is None:

@@ -16,9 +16,10 @@ How rotation stays safe while the application keeps writing:
   application rewrote meanwhile is already under the current key and is left
   alone, so a newer value is never overwritten with a stale one.
 - A row that does not decrypt under its configured key (tampered, or a wrong
-  key with a matching id) is detected first with ``pg_temp.princeps_try_decrypt``
-  and left untouched; a row whose key id matches no configured key is not
-  touched either. Both are reported by id only.
+  key with a matching id) is detected by ``pg_temp.princeps_try_reencrypt``,
+  which returns NULL instead of raising, and left untouched; a row whose key
+  id matches no configured key is not touched either. Both are reported by id
+  only.
 - Every batch commits on its own and the walk only selects rows not yet under
   the current key, so a run killed at any point is finished by running it
   again, and two runs at once share the work.
@@ -164,30 +165,49 @@ _LOCK_BATCH = sa.text(
     "ORDER BY id FOR UPDATE SKIP LOCKED"
 )
 
-# One UPDATE per batch: decrypt under the old derived key and encrypt under the
-# new one, in the server. The WHERE re-checks the old key id, and that both
-# tokens decrypt, so nothing stale or undecryptable is ever written.
+# Re-encrypts one token in the server, or returns NULL if it does not decrypt
+# under the old key, so one bad row never aborts the batch. The plaintext only
+# ever exists inside this call.
+TRY_REENCRYPT_FUNCTION = """
+CREATE OR REPLACE FUNCTION pg_temp.princeps_try_reencrypt(
+    message bytea, old_password text, new_password text, options text
+) RETURNS bytea LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN pgp_sym_encrypt(pgp_sym_decrypt(message, old_password), new_password, options);
+EXCEPTION WHEN external_routine_invocation_exception THEN
+    RETURN NULL;  -- wrong key or corrupt data: reported by id, never raised mid-scan
+END $$
+"""
+
+# One UPDATE per batch: each token is decrypted under the old derived key and
+# encrypted under the new one once, in the server; the subquery (not
+# flattened, its function is VOLATILE) carries only the new ciphertexts. The
+# WHERE re-checks the old key id, and that both tokens re-encrypted, so
+# nothing stale or undecryptable is ever written.
 _REENCRYPT = sa.text(
     'UPDATE "Integration" AS i SET '
-    '"accessTokenEncrypted" = pgp_sym_encrypt('
-    '    pgp_sym_decrypt(i."accessTokenEncrypted", v.old_access), v.new_access, :options), '
-    '"refreshTokenEncrypted" = pgp_sym_encrypt('
-    '    pgp_sym_decrypt(i."refreshTokenEncrypted", v.old_refresh), v.new_refresh, :options), '
+    '"accessTokenEncrypted" = n.access, "refreshTokenEncrypted" = n.refresh, '
     '"tokenKeyId" = :current_key_id '
-    "FROM unnest(CAST(:ids AS text[]), CAST(:old_key_ids AS text[]), "
-    "    CAST(:old_access_keys AS text[]), CAST(:old_refresh_keys AS text[]), "
-    "    CAST(:new_access_keys AS text[]), CAST(:new_refresh_keys AS text[])) "
-    "    AS v(id, old_key_id, old_access, old_refresh, new_access, new_refresh) "
-    'WHERE i.id = v.id AND i."tokenKeyId" = v.old_key_id '
-    'AND pg_temp.princeps_try_decrypt(i."accessTokenEncrypted", v.old_access) IS NOT NULL '
-    'AND (i."refreshTokenEncrypted" IS NULL '
-    '     OR pg_temp.princeps_try_decrypt(i."refreshTokenEncrypted", v.old_refresh) IS NOT NULL) '
+    'FROM (SELECT v.id, v.old_key_id, c."refreshTokenEncrypted" IS NULL AS no_refresh, '
+    '    pg_temp.princeps_try_reencrypt(c."accessTokenEncrypted", v.old_access, '
+    "        v.new_access, :options) AS access, "
+    '    CASE WHEN c."refreshTokenEncrypted" IS NOT NULL THEN '
+    '        pg_temp.princeps_try_reencrypt(c."refreshTokenEncrypted", v.old_refresh, '
+    "            v.new_refresh, :options) END AS refresh "
+    "  FROM unnest(CAST(:ids AS text[]), CAST(:old_key_ids AS text[]), "
+    "      CAST(:old_access_keys AS text[]), CAST(:old_refresh_keys AS text[]), "
+    "      CAST(:new_access_keys AS text[]), CAST(:new_refresh_keys AS text[])) "
+    "      AS v(id, old_key_id, old_access, old_refresh, new_access, new_refresh) "
+    '  JOIN "Integration" AS c ON c.id = v.id AND c."tokenKeyId" = v.old_key_id) AS n '
+    'WHERE i.id = n.id AND i."tokenKeyId" = n.old_key_id AND n.access IS NOT NULL '
+    "AND (n.no_refresh OR n.refresh IS NOT NULL) "
     "RETURNING i.id"
 )
 
 
 def _install_try_decrypt(connection: Connection) -> None:
     connection.execute(sa.text(TRY_DECRYPT_FUNCTION))
+    connection.execute(sa.text(TRY_REENCRYPT_FUNCTION))
     connection.commit()
 
 

@@ -190,3 +190,53 @@ def _same_id_other_secret(session: Session) -> Any:
     fake = MasterKey(b"\x01" * 32)
     object.__setattr__(fake, "key_id", real.key_id)
     return fake
+
+
+def test_key_rings_of_every_shape_share_the_built_statements_and_bind_every_value(
+    engine: sa.Engine,
+) -> None:
+    # The read and upsert statements are built once per number of keys and
+    # reused: rings of different keys (and sizes) in one process must each get
+    # their own values bound, and the SQL text must hold none of them.
+    from sqlalchemy.dialects import postgresql
+
+    from princeps_db.repository import _read_statement, _upsert_statement
+
+    first, second, third = (generate_master_key() for _ in range(3))
+    rings = [
+        KeyRing.from_texts(first),
+        KeyRing.from_texts(second, [first]),
+        KeyRing.from_texts(third, [first, second]),
+        KeyRing.from_texts(third, [second, first]),
+    ]
+    with create_session_factory(engine, keyring=rings[0])() as session:
+        _connect(session, access="ya29.under-first", refresh="1//kept")
+    for number, ring in enumerate(rings[1:], 1):
+        with create_session_factory(engine, keyring=ring)() as session:
+            # Written under the previous ring's current key: read through a previous key.
+            assert get_valid_token(session, user_id="u1", provider="google_calendar") == (
+                "ya29.under-first" if number == 1 else f"ya29.ring-{number - 1}"
+            )
+            info = _connect(session, access=f"ya29.ring-{number}", refresh=None)
+            assert info.key_id == ring.current.key_id
+            kept = session.execute(
+                sa.text('SELECT pgp_sym_decrypt("refreshTokenEncrypted", :k) FROM "Integration"'),
+                {
+                    "k": ring.current.derive_token_key(
+                        user_id="u1", provider="google_calendar", kind="refresh_token"
+                    )
+                },
+            ).scalar_one()
+            assert kept == "1//kept"
+    dialect = postgresql.psycopg.dialect()  # type: ignore[attr-defined]
+    sql = " ".join(
+        [str(_read_statement(n).compile(dialect=dialect)) for n in (1, 2, 3)]
+        + [str(_upsert_statement(n).compile(dialect=dialect)) for n in (None, 0, 1, 2)]
+    )
+    for ring in rings:
+        for key in ring.keys:
+            assert key.key_id not in sql
+            for kind in ("access_token", "refresh_token"):
+                derived = key.derive_token_key(user_id="u1", provider="google_calendar", kind=kind)
+                assert derived not in sql
+    assert "ya29" not in sql and "u1" not in sql and "google_calendar" not in sql
