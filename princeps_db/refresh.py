@@ -62,9 +62,10 @@ from princeps_db.repository import (
     EXPIRY_SKEW,
     MAX_TOKEN_CHARS,
     _check_identity,
-    _kept_refresh_token,
     _raise_decryption_error,
-    derived_key_by_key_id,
+    kept_refresh_token_sql,
+    key_by_key_id_sql,
+    key_parameters,
 )
 
 logger = logging.getLogger(__name__)
@@ -124,9 +125,7 @@ def _locked_row(
     connection: Connection, keyring: KeyRing, *, user: str, prov: str, force: bool
 ) -> Any:
     def key(kind: TokenKind) -> Any:
-        return derived_key_by_key_id(
-            keyring, Integration.token_key_id, user_id=user, provider=prov, kind=kind
-        )
+        return key_by_key_id_sql(len(keyring.keys), kind)
 
     fresh = Integration.expires_at.is_(None) | (
         Integration.expires_at > func.statement_timestamp() + EXPIRY_SKEW
@@ -160,7 +159,9 @@ def _locked_row(
         .with_for_update()
     )
     try:
-        return connection.execute(statement).one_or_none()
+        return connection.execute(
+            statement, key_parameters(keyring, user_id=user, provider=prov)
+        ).one_or_none()
     except DBAPIError as error:
         if getattr(error.orig, "sqlstate", None) == _SQLSTATE_LOCK_NOT_AVAILABLE:
             raise ProviderUnavailableError(
@@ -191,7 +192,7 @@ def _store_grant(
         Integration.refresh_token_encrypted: (
             encrypt_sql(grant.refresh_token, key(TokenKind.REFRESH))
             if grant.refresh_token is not None
-            else _kept_refresh_token(keyring, user_id=user, provider=prov)
+            else kept_refresh_token_sql(len(keyring.previous))
         ),
         Integration.access_token_encrypted: encrypt_sql(grant.access_token, key(TokenKind.ACCESS)),
         Integration.token_key_id: current.key_id,
@@ -205,7 +206,8 @@ def _store_grant(
         connection.execute(
             update(Integration)
             .where(Integration.user_id == user, Integration.provider == prov)
-            .values(values)
+            .values(values),
+            key_parameters(keyring, user_id=user, provider=prov),
         )
     except DBAPIError as error:
         _raise_decryption_error(error, user_id=user, provider=prov)
@@ -315,9 +317,7 @@ def revoke_before_delete(session: Session, *, user_id: str, provider: str) -> No
     keyring = session_keyring(session)
 
     def key(kind: TokenKind) -> Any:
-        return derived_key_by_key_id(
-            keyring, Integration.token_key_id, user_id=user_id, provider=provider, kind=kind
-        )
+        return key_by_key_id_sql(len(keyring.keys), kind)
 
     statement = select(
         Integration.status,
@@ -328,7 +328,9 @@ def revoke_before_delete(session: Session, *, user_id: str, provider: str) -> No
     ).where(Integration.user_id == user_id, Integration.provider == provider)
     try:
         with session.begin_nested():
-            row = session.execute(statement).one_or_none()
+            row = session.execute(
+                statement, key_parameters(keyring, user_id=user_id, provider=provider)
+            ).one_or_none()
     except DBAPIError as error:
         logger.warning(
             "not revoking the %s grant of user %s: its token does not decrypt (%s)",

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
-from princeps_db.crypto import KeyRing, MasterKey, TokenKind, decrypt_sql, encrypt_sql
+from princeps_db.crypto import KeyRing, TokenKind, decrypt_sql, encrypt_sql
 from princeps_db.db import session_keyring
 from princeps_db.errors import (
     IntegrationNotFoundError,
@@ -130,54 +130,6 @@ def _raise_decryption_error(error: DBAPIError, *, user_id: str, provider: str) -
     raise error
 
 
-def derived_key_by_key_id(
-    keyring: KeyRing, key_id: Any, *, user_id: str, provider: str, kind: TokenKind
-) -> ColumnElement[str]:
-    """SQL choosing the derived key for a row by its ``"tokenKeyId"`` (NULL if unknown)."""
-    return case(
-        *(
-            (
-                key_id == key.key_id,
-                key.derive_token_key(user_id=user_id, provider=provider, kind=kind),
-            )
-            for key in keyring.keys
-        ),
-        else_=None,
-    )
-
-
-def _kept_refresh_token(keyring: KeyRing, *, user_id: str, provider: str) -> ColumnElement[bytes]:
-    """SQL for an update without a refresh token: keep the stored one, under the current key."""
-    current = keyring.current
-    current_key = current.derive_token_key(
-        user_id=user_id, provider=provider, kind=TokenKind.REFRESH
-    )
-    stored = Integration.refresh_token_encrypted
-    reencrypt = [
-        (
-            Integration.token_key_id == old.key_id,
-            encrypt_sql(
-                decrypt_sql(
-                    stored,
-                    old.derive_token_key(
-                        user_id=user_id, provider=provider, kind=TokenKind.REFRESH
-                    ),
-                ),
-                current_key,
-            ),
-        )
-        for old in keyring.previous
-    ]
-    return case(
-        (stored.is_(None), None),
-        (Integration.token_key_id == current.key_id, stored),
-        *reencrypt,
-        # An unknown key id: decrypting under the current key fails loudly instead
-        # of silently dropping the refresh token.
-        else_=encrypt_sql(decrypt_sql(stored, current_key), current_key),
-    )
-
-
 # The read and upsert statements are built once per key-ring shape (how many
 # keys), with every value a bind parameter, and reused: each call only derives
 # its keys and binds values. SQLAlchemy memoizes a statement's cache key on the
@@ -190,13 +142,16 @@ def _text_param(name: str) -> BindParameter[str]:
     return bindparam(name, type_=Text)
 
 
-def _key_by_key_id_params(keys: int, kind: str) -> ColumnElement[str]:
-    """``derived_key_by_key_id`` over ``keys`` keys, with key ids and derived keys as parameters."""
+def key_by_key_id_sql(keys: int, kind: TokenKind) -> ColumnElement[str]:
+    """SQL choosing a row's derived key by its ``"tokenKeyId"`` (NULL if unknown).
+
+    Key ids and derived keys are parameters: bind ``key_parameters(...)``.
+    """
     return case(
         *(
             (
                 Integration.token_key_id == _text_param(f"b_key_id_{number}"),
-                _text_param(f"b_{kind}_key_{number}"),
+                _text_param(f"b_{_short(kind)}_key_{number}"),
             )
             for number in range(keys)
         ),
@@ -211,7 +166,7 @@ def _read_statement(keys: int) -> Select[Any]:
         Integration.expires_at > func.statement_timestamp() + EXPIRY_SKEW
     )
     active = Integration.status == "active"
-    derived_key = _key_by_key_id_params(keys, "access")
+    derived_key = key_by_key_id_sql(keys, TokenKind.ACCESS)
     return select(
         Integration.token_key_id,
         Integration.status,
@@ -227,8 +182,12 @@ def _read_statement(keys: int) -> Select[Any]:
     )
 
 
-def _kept_refresh_token_params(previous: int) -> ColumnElement[bytes]:
-    """``_kept_refresh_token`` for ``previous`` previous keys, every value a parameter."""
+def kept_refresh_token_sql(previous: int) -> ColumnElement[bytes]:
+    """SQL for an update without a refresh token: keep the stored one, under the current key.
+
+    ``previous`` is how many previous keys the row may be under; every value is a
+    parameter: bind ``key_parameters(...)``.
+    """
     current_key = _text_param("b_refresh_key")
     stored = Integration.refresh_token_encrypted
     reencrypt = [
@@ -248,6 +207,31 @@ def _kept_refresh_token_params(previous: int) -> ColumnElement[bytes]:
         # of silently dropping the refresh token.
         else_=encrypt_sql(decrypt_sql(stored, current_key), current_key),
     )
+
+
+def key_parameters(keyring: KeyRing, *, user_id: str, provider: str) -> dict[str, str]:
+    """Values for the key parameters of the statements below: key ids and derived keys."""
+    values: dict[str, str] = {"b_key_id": keyring.current.key_id}
+    for kind in TokenKind:
+        values[f"b_{_short(kind)}_key"] = keyring.current.derive_token_key(
+            user_id=user_id, provider=provider, kind=kind
+        )
+    for number, key in enumerate(keyring.keys):
+        values[f"b_key_id_{number}"] = key.key_id
+        for kind in TokenKind:
+            values[f"b_{_short(kind)}_key_{number}"] = key.derive_token_key(
+                user_id=user_id, provider=provider, kind=kind
+            )
+    for number, old in enumerate(keyring.previous):
+        values[f"b_old_key_id_{number}"] = old.key_id
+        values[f"b_old_refresh_key_{number}"] = old.derive_token_key(
+            user_id=user_id, provider=provider, kind=TokenKind.REFRESH
+        )
+    return values
+
+
+def _short(kind: TokenKind) -> str:
+    return kind.value.removesuffix("_token")
 
 
 @lru_cache(maxsize=16)
@@ -274,7 +258,7 @@ def _upsert_statement(kept_previous: int | None) -> ReturningInsert[*tuple[Any, 
     new_refresh = (
         statement.excluded.refreshTokenEncrypted
         if kept_previous is None
-        else _kept_refresh_token_params(kept_previous)
+        else kept_refresh_token_sql(kept_previous)
     )
     upsert = statement.on_conflict_do_update(
         index_elements=[Integration.user_id, Integration.provider],
@@ -326,28 +310,19 @@ def upsert_integration(
     expiry = _check_expiry(expires_at)
     checked_scope = _check_text("scope", scope, max_chars=MAX_TEXT_CHARS, optional=True)
     keyring = session_keyring(session)
-    key: MasterKey = keyring.current
     params: dict[str, Any] = {
+        **key_parameters(keyring, user_id=user, provider=prov),
         "b_id": str(uuid.uuid4()),
         "b_user_id": user,
         "b_provider": prov,
         "b_access_token": access,
-        "b_access_key": key.derive_token_key(user_id=user, provider=prov, kind=TokenKind.ACCESS),
         "b_refresh_token": refresh,
-        "b_refresh_key": key.derive_token_key(user_id=user, provider=prov, kind=TokenKind.REFRESH),
-        "b_key_id": key.key_id,
         "b_expires_at": expiry,
         "b_scope": checked_scope,
     }
-    if refresh is None:
-        upsert = _upsert_statement(len(keyring.previous))
-        for number, old in enumerate(keyring.previous):
-            params[f"b_old_key_id_{number}"] = old.key_id
-            params[f"b_old_refresh_key_{number}"] = old.derive_token_key(
-                user_id=user, provider=prov, kind=TokenKind.REFRESH
-            )
-    else:
-        upsert = _upsert_statement(None)
+    # Without a new refresh token the stored one is kept, re-encrypted from
+    # whichever key it is under.
+    upsert = _upsert_statement(None if refresh is not None else len(keyring.previous))
     try:
         row = session.execute(upsert, params).one()
     except IntegrityError as error:
@@ -373,12 +348,11 @@ def get_valid_token(session: Session, *, user_id: str, provider: str) -> str:
     """
     user, prov = _check_identity(user_id, provider)
     keyring = session_keyring(session)
-    params: dict[str, Any] = {"b_user_id": user, "b_provider": prov}
-    for number, key in enumerate(keyring.keys):
-        params[f"b_key_id_{number}"] = key.key_id
-        params[f"b_access_key_{number}"] = key.derive_token_key(
-            user_id=user, provider=prov, kind=TokenKind.ACCESS
-        )
+    params: dict[str, Any] = {
+        **key_parameters(keyring, user_id=user, provider=prov),
+        "b_user_id": user,
+        "b_provider": prov,
+    }
     statement = _read_statement(len(keyring.keys))
     try:
         row = session.execute(statement, params).one_or_none()
