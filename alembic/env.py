@@ -21,8 +21,13 @@ from princeps_db.models import Base
 
 config = context.config
 # Command-line runs log per-batch progress as alembic.ini says; code that hands
-# in a connection (tests, the demo) keeps its own logging set-up.
-if config.config_file_name is not None and "connection" not in config.attributes:
+# in a connection (tests) or shows progress itself (princeps-db migrate) keeps
+# its own logging set-up.
+if (
+    config.config_file_name is not None
+    and "connection" not in config.attributes
+    and not config.attributes.get("own_logging")
+):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 target_metadata = Base.metadata
 

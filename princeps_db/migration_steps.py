@@ -179,7 +179,13 @@ def _run_batches(
     remaining = connection.execute(
         sa.text(f'SELECT count(*) FROM "Integration" WHERE {where}')
     ).scalar_one()
-    logger.info("%s: %d rows to process in batches of %d", label, remaining, batch_size)
+    logger.info(
+        "%s: %d rows to process in batches of %d",
+        label,
+        remaining,
+        batch_size,
+        extra={"batch_progress": (label, 0, remaining)},
+    )
     done, started = 0, time.monotonic()
     for number, rows in enumerate(iter_batches(connection, where=where, batch_size=batch_size), 1):
         params = {**derived_keys(rows, key_for), **(extra or {})}
@@ -191,6 +197,7 @@ def _run_batches(
             done,
             remaining,
             time.monotonic() - started,
+            extra={"batch_progress": (label, done, remaining)},
         )
     return done
 
