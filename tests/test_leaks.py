@@ -151,7 +151,7 @@ def test_nothing_secret_in_python_logs_output_errors_or_reprs_at_debug_with_echo
 
     everything = "\n".join([caplog.text, captured.out, captured.err, keygen.stderr, *life.outputs])
     assert "pgp_sym_encrypt" in caplog.text + captured.out + captured.err, "echo was not on"
-    assert "migrating to head" in everything, "the CLI output was not captured"
+    assert "Running upgrade" in everything, "the CLI output was not captured"
     assert "refreshed the google_calendar access token" in caplog.text, "no refresh was logged"
     assert "rotated: " in everything and "OK: every row decrypts" in everything
     assert "log_parameter_max_length" in everything, "the audit output was not captured"
