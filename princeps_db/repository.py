@@ -210,23 +210,23 @@ def kept_refresh_token_sql(previous: int) -> ColumnElement[bytes]:
 
 
 def key_parameters(keyring: KeyRing, *, user_id: str, provider: str) -> dict[str, str]:
-    """Values for the key parameters of the statements below: key ids and derived keys."""
-    values: dict[str, str] = {"b_key_id": keyring.current.key_id}
-    for kind in TokenKind:
-        values[f"b_{_short(kind)}_key"] = keyring.current.derive_token_key(
-            user_id=user_id, provider=provider, kind=kind
-        )
+    """Values for the key parameters of the statements below: key ids and derived keys.
+
+    Key 0 is the current key; ``b_old_*_{n}`` name previous key ``n`` (key ``n + 1``).
+    """
+    values: dict[str, str] = {}
     for number, key in enumerate(keyring.keys):
         values[f"b_key_id_{number}"] = key.key_id
         for kind in TokenKind:
             values[f"b_{_short(kind)}_key_{number}"] = key.derive_token_key(
                 user_id=user_id, provider=provider, kind=kind
             )
-    for number, old in enumerate(keyring.previous):
-        values[f"b_old_key_id_{number}"] = old.key_id
-        values[f"b_old_refresh_key_{number}"] = old.derive_token_key(
-            user_id=user_id, provider=provider, kind=TokenKind.REFRESH
-        )
+        if number:
+            values[f"b_old_key_id_{number - 1}"] = key.key_id
+            values[f"b_old_refresh_key_{number - 1}"] = values[f"b_refresh_key_{number}"]
+    values["b_key_id"] = values["b_key_id_0"]
+    values["b_access_key"] = values["b_access_key_0"]
+    values["b_refresh_key"] = values["b_refresh_key_0"]
     return values
 
 
